@@ -1,0 +1,83 @@
+"""The backplane interface: a few methods shaped by the relay's domain.
+
+A backplane is the room sequencer and the bus between nodes. Guarantees, stated
+once for every implementation:
+
+* Order: the entries of one room are given consecutive offsets in one order,
+  which keeps each publisher's own order, and every subscribed node receives
+  them through :meth:`Receiver.deliver` in that order. The publishing node gets
+  its own entries back the same way (one delivery path for one and many nodes).
+* Join consistency: :meth:`Backplane.join` returns the room's members and
+  snapshot at an exact offset that includes the new member's JOIN; the joining
+  node must already be subscribed, so it receives every entry after it.
+* Delivery: at most once between nodes. A node that detects a gap in a room's
+  offsets resynchronises that room (the Redis backplane's job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.room import Entry, Member, RoomState
+
+
+class RoomFull(Exception):
+    """The room already has ``max_players_per_room`` members."""
+
+
+@dataclass(slots=True)
+class Joined:
+    member: Member
+    members: list[tuple[int, str, dict[str, Any]]]
+    snapshot: dict[int, dict[str | int, bytes]]
+    offset: int
+    epoch: str
+
+
+class Receiver(Protocol):
+    """What a backplane delivers into: the node's local rooms."""
+
+    def deliver(self, room: str, entries: list[Entry]) -> None: ...
+
+    def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None: ...
+
+
+class Backplane(Protocol):
+    name: str
+
+    async def start(self, receiver: Receiver) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def subscribe(self, room: str) -> None:
+        """Start receiving the room's entries on this node (before joining players)."""
+
+    async def unsubscribe(self, room: str) -> None: ...
+
+    async def join(
+        self, room: str, player: str, meta: dict[str, Any], *, max_players: int
+    ) -> Joined:
+        """Seat a player: a new actor and a JOIN in the room order; may raise RoomFull.
+
+        If the same player is already seated, its old seat first gets LEAVE with
+        close code 4409; the node holding that connection closes it.
+        """
+
+    async def leave(self, room: str, actor: int, close_code: int) -> None:
+        """Remove a member: LEAVE in the room order; its STATE leaves the snapshot."""
+
+    def publish(self, room: str, entries: list[Entry]) -> None:
+        """Put entries in the room order and deliver them; never blocks the caller."""
+
+    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
+        """Deliver one encoded DIRECT to whichever node holds ``to_actor``."""
+
+    async def rooms(self) -> dict[str, int]:
+        """Every room with members, and its member count."""
+
+    async def room(self, room: str) -> RoomState | None:
+        """A copy of the room's state, or None when it has no members."""
+
+    def ready(self) -> bool:
+        """Whether moves can be sequenced now (false while Redis is unreachable)."""

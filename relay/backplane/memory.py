@@ -1,0 +1,90 @@
+"""The default backplane: one process, rooms in memory.
+
+The room order is made here, synchronously, and delivered straight back to the
+node: no copies, no tasks, no serialisation. It is also the test double that is
+not a fake: the node code it drives is the same that the Redis backplane drives.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from relay.backplane.base import Joined, Receiver, RoomFull
+from relay.protocol import CloseCode
+from relay.room import Entry, Member, RoomState, join_entry, leave_entry
+
+
+class MemoryBackplane:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, RoomState] = {}
+        self._receiver: Receiver | None = None
+
+    async def start(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    async def close(self) -> None:
+        self._rooms.clear()
+
+    async def subscribe(self, room: str) -> None:
+        pass  # one node: it always hears every room
+
+    async def unsubscribe(self, room: str) -> None:
+        pass
+
+    async def join(
+        self, room: str, player: str, meta: dict[str, Any], *, max_players: int
+    ) -> Joined:
+        state = self._rooms.get(room)
+        if state is None:
+            state = self._rooms[room] = RoomState(room)
+        old = state.find_player(player)
+        if old is None and len(state.members) >= max_players:
+            if not state.members:
+                del self._rooms[room]
+            raise RoomFull(room)
+        if old is not None:
+            self._sequence(room, state, [leave_entry(old.actor, CloseCode.REPLACED)])
+        member = Member(state.new_actor(), player, meta)
+        self._sequence(room, state, [join_entry(member)])
+        return Joined(
+            member=member,
+            members=state.member_list(),
+            snapshot={actor: dict(values) for actor, values in state.snapshot.items()},
+            offset=state.offset,
+            epoch=state.epoch,
+        )
+
+    async def leave(self, room: str, actor: int, close_code: int) -> None:
+        state = self._rooms.get(room)
+        if state is None or actor not in state.members:
+            return
+        self._sequence(room, state, [leave_entry(actor, close_code)])
+        if not state.members:
+            del self._rooms[room]  # an empty room is gone; it comes back with a new epoch
+
+    def publish(self, room: str, entries: list[Entry]) -> None:
+        state = self._rooms.get(room)
+        if state is not None:
+            self._sequence(room, state, entries)
+
+    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
+        assert self._receiver is not None
+        self._receiver.deliver_direct(room, to_actor, wire)
+
+    async def rooms(self) -> dict[str, int]:
+        return {name: len(state.members) for name, state in self._rooms.items()}
+
+    async def room(self, room: str) -> RoomState | None:
+        state = self._rooms.get(room)
+        return copy.deepcopy(state) if state is not None else None
+
+    def ready(self) -> bool:
+        return True
+
+    def _sequence(self, room: str, state: RoomState, entries: list[Entry]) -> None:
+        state.sequence(entries)
+        assert self._receiver is not None
+        self._receiver.deliver(room, entries)

@@ -1,0 +1,67 @@
+"""The ``relay`` command: ``relay serve``, ``relay settings``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from relay import config
+from relay.config import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="relay", description="multiplayer game state relay")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. Every option can also be set as RELAY_<NAME>.",
+    )
+    for f in config.fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default != "" else "none"
+        help_text = f"{f.metadata['doc']} [default: {default}; env RELAY_{f.name.upper()}]"
+        serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    commands.add_parser("settings", help="print the settings table (markdown)")
+    args = parser.parse_args(argv)
+
+    if args.command == "settings":
+        print(config.table_markdown())
+        return
+    overrides = {}
+    for f in config.fields():
+        raw = getattr(args, f.name)
+        if raw is not None:
+            try:
+                overrides[f.name] = config.parse(f, raw)
+            except ValueError as exc:
+                parser.error(str(exc))
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    check(settings, parser)
+    from relay.runner import serve as run
+
+    print(
+        f"relay: serving ws://{settings.host}:{settings.port}/ws/{{room}} "
+        f"(backplane: {'redis' if settings.redis else 'memory'}, workers: {settings.workers})",
+        file=sys.stderr,
+        flush=True,
+    )
+    run(settings)
+
+
+def check(settings: Settings, parser: argparse.ArgumentParser) -> None:
+    """Refuse settings this version cannot honour, rather than ignore them."""
+    if settings.redis:
+        parser.error("--redis: the Redis backplane is not available in this version yet")
+    if settings.secret:
+        parser.error("--secret: token authentication is not available in this version yet")
+    if settings.workers > 1 and not settings.redis:
+        parser.error("--workers > 1 needs --redis: in memory, processes cannot share rooms")
+    if settings.outbox_soft_bytes > settings.outbox_hard_bytes:
+        parser.error("--outbox-soft-bytes must not exceed --outbox-hard-bytes")
+    if settings.max_message_bytes > settings.max_frame_bytes:
+        parser.error("--max-message-bytes must not exceed --max-frame-bytes")

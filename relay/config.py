@@ -1,0 +1,94 @@
+"""Settings, read once. Every limit the relay enforces is named and documented here.
+
+Each setting comes from, in order: the command line (``--max-frame-bytes``),
+the environment (``RELAY_MAX_FRAME_BYTES``), the default below. The README's
+settings table is generated from :data:`SETTINGS` (``relay settings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "RELAY_"
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "TCP port to listen on")
+    workers: int = _setting(1, "worker processes on one port (more than 1 needs --redis)")
+    redis: str = _setting("", "Redis URL for the multi-process backplane (reserved: not yet)")
+    redis_prefix: str = _setting("relay", "namespace for every Redis key and channel")
+    secret: str = _setting("", "token secret; when set, players need signed tokens (reserved)")
+    max_frame_bytes: int = _setting(16384, "largest frame a client may send; bigger: close 1009")
+    max_message_bytes: int = _setting(8192, "largest data of one move; bigger: ERROR too_large")
+    max_msgs_per_s: float = _setting(120.0, "messages per second per connection, sustained")
+    burst: int = _setting(240, "messages a connection may send at once above the sustained rate")
+    max_errors: int = _setting(20, "rejected messages tolerated per errors_window_s; then 1008")
+    errors_window_s: float = _setting(10.0, "window for max_errors")
+    max_rate_errors: int = _setting(100, "rate_limited answers per errors_window_s; then 4029")
+    max_players_per_room: int = _setting(256, "members in one room; the next joiner gets 4009")
+    outbox_soft_bytes: int = _setting(65536, "queued bytes past which STATE is coalesced")
+    outbox_hard_bytes: int = _setting(262144, "queued bytes past which oldest EVENTs are dropped")
+    slow_client_timeout_s: float = _setting(5.0, "time past the hard limit before close 4008")
+    max_out_frame_bytes: int = _setting(262144, "largest frame the server sends (batches split)")
+    flush_ms: float = _setting(0.0, "fixed flush tick in ms; 0 sends as soon as the socket can")
+    ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
+    ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
+    shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
+    log_level: str = _setting("info", "log level: debug, info, warning, error")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``RELAY_*`` variables, then ``overrides`` (those not None)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields()}
+
+    def limits(self) -> dict[str, int | float]:
+        """The limits a client is told in WELCOME."""
+        return {
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_message_bytes": self.max_message_bytes,
+            "max_msgs_per_s": self.max_msgs_per_s,
+            "burst": self.burst,
+            "max_players_per_room": self.max_players_per_room,
+            "outbox_hard_bytes": self.outbox_hard_bytes,
+        }
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Settings)
+
+
+def parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}")
+
+
+def table_markdown() -> str:
+    rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default != "" else "(none)"
+        env = ENV_PREFIX + f.name.upper()
+        rows.append(f"| `{flag}` | `{env}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

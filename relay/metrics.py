@@ -1,0 +1,103 @@
+"""Prometheus metrics, served at ``GET /metrics``.
+
+The hot path only adds to plain integers on :class:`Stats` (a prometheus-client
+counter takes a lock per increment); a custom collector turns them into metric
+families when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from relay.protocol import MsgType
+
+if TYPE_CHECKING:
+    from relay.room import Entry
+
+_TYPE_NAMES = {
+    MsgType.EVENT: "EVENT",
+    MsgType.STATE: "STATE",
+    MsgType.DIRECT: "DIRECT",
+    MsgType.JOIN: "JOIN",
+    MsgType.LEAVE: "LEAVE",
+}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.messages_in: Counter[str] = Counter()
+        self.messages_out: Counter[int] = Counter()
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.errors: Counter[str] = Counter()
+        self.closes: Counter[int] = Counter()
+        self.dropped = 0
+        self.coalesced = 0
+        self.slow_consumer_closes = 0
+
+    def count_out(self, entries: list[Entry], recipients: int) -> None:
+        """Count one batch delivered to ``recipients`` seats (own moves included, roughly)."""
+        out = self.messages_out
+        for entry in entries:
+            out[entry.kind] += recipients
+
+
+class RelayCollector:
+    """Reads :class:`Stats` and live gauges at scrape time."""
+
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield _counter("relay_connections", "WebSocket connections accepted", s.connections_total)
+        m = CounterMetricFamily("relay_messages_in", "messages received, by type", labels=["type"])
+        for kind, n in sorted(s.messages_in.items()):
+            m.add_metric([kind], n)
+        yield m
+        m = CounterMetricFamily("relay_messages_out", "messages queued to clients", labels=["type"])
+        for kind, n in sorted(s.messages_out.items()):
+            m.add_metric([_TYPE_NAMES.get(MsgType(kind), str(kind))], n)
+        yield m
+        yield _counter("relay_frames_in", "binary frames received", s.frames_in)
+        yield _counter("relay_bytes_in", "bytes received in binary frames", s.bytes_in)
+        yield _counter("relay_frames_out", "frames sent", s.frames_out)
+        yield _counter("relay_bytes_out", "bytes sent in frames", s.bytes_out)
+        m = CounterMetricFamily("relay_errors", "ERROR messages sent, by code", labels=["code"])
+        for code, n in sorted(s.errors.items()):
+            m.add_metric([code], n)
+        yield m
+        m = CounterMetricFamily("relay_closes", "connections closed, by close code", labels=["code"])
+        for code, n in sorted(s.closes.items()):
+            m.add_metric([str(code)], n)
+        yield m
+        yield _counter("relay_dropped_events", "EVENTs dropped for slow readers", s.dropped)
+        yield _counter("relay_coalesced_states", "STATEs replaced by newer ones", s.coalesced)
+        yield _counter(
+            "relay_slow_consumer_closes", "connections closed with 4008", s.slow_consumer_closes
+        )
+        for name, value in self.gauges().items():
+            yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def registry(stats: Stats, gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RelayCollector(stats, gauges))  # type: ignore[arg-type]
+    return reg
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)

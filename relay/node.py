@@ -1,0 +1,291 @@
+"""This process's share of the rooms: local seats, their outboxes, and delivery.
+
+The node sits between connections and the backplane. Moves go in through
+:meth:`Node.submit`, collected per room for one event-loop iteration and then
+published as one batch; the room order comes back through :meth:`Node.deliver`
+(the same path for the memory and the Redis backplane), where each batch is
+encoded once and the same bytes are queued for every member that should get all
+of it. Nothing here awaits a client's socket: it only fills outboxes and wakes
+each connection's writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import protocol
+from relay.backplane.base import Backplane, Joined
+from relay.config import Settings
+from relay.metrics import Stats
+from relay.outbox import Batch, Outbox
+from relay.protocol import CloseCode, MsgType
+from relay.room import Entry, Member, RoomState
+
+
+@dataclass(eq=False, slots=True)
+class Seat:
+    """One local connection's place in a room."""
+
+    room: LocalRoom
+    player: str
+    meta: dict[str, Any]
+    echo: bool
+    outbox: Outbox
+    wake: Callable[[], None]
+    close: Callable[[int, str, bool], None]  # (code, reason, flush first)
+    actor: int = 0
+    after_offset: int = 0  # the offset of this seat's WELCOME: it gets what follows
+    early: list[list[Entry]] | None = field(default_factory=list)  # batches seen while joining
+    left: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class LocalRoom:
+    name: str
+    state: RoomState | None = None  # mirror of the room, kept current by deliveries
+    seats: dict[int, Seat] = field(default_factory=dict)
+    joining: list[Seat] = field(default_factory=list)
+    pending: list[Entry] = field(default_factory=list)
+
+
+class Node:
+    def __init__(self, backplane: Backplane, settings: Settings, stats: Stats) -> None:
+        self.backplane = backplane
+        self.settings = settings
+        self.stats = stats
+        self.rooms: dict[str, LocalRoom] = {}
+        self._to_publish: list[LocalRoom] = []
+        self._publish_scheduled = False
+        self._to_flush: set[Seat] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.backplane.start(self)
+        interval = self.settings.flush_ms / 1000.0
+        self._ticker = asyncio.create_task(self._tick(interval))
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await self.backplane.close()
+
+    def seats(self) -> list[Seat]:
+        return [seat for room in self.rooms.values() for seat in room.seats.values()]
+
+    # --- joining and leaving ---------------------------------------------------------
+
+    async def join(self, seat: Seat) -> Joined:
+        """Seat a connection in its room; WELCOME is queued on its outbox. May raise RoomFull."""
+        room = seat.room
+        if room.name not in self.rooms:
+            self.rooms[room.name] = room
+            await self.backplane.subscribe(room.name)
+        room = seat.room = self.rooms[room.name]
+        self._publish_room(room)  # moves already read come before this JOIN
+        room.joining.append(seat)
+        try:
+            joined = await self.backplane.join(
+                room.name,
+                seat.player,
+                seat.meta,
+                max_players=self.settings.max_players_per_room,
+            )
+        except BaseException:
+            room.joining.remove(seat)
+            await self._forget_if_empty(room)
+            raise
+        room.joining.remove(seat)
+        seat.actor = joined.member.actor
+        seat.after_offset = joined.offset
+        if room.state is None or room.state.epoch != joined.epoch:
+            room.state = _mirror(room.name, joined)
+        early, seat.early = seat.early or [], None
+        room.seats[seat.actor] = seat
+        now = time.monotonic()
+        seat.outbox.push_control(self._welcome(seat, joined), now)
+        for entries in early:
+            later = [e for e in entries if e.offset > joined.offset]
+            if later:
+                self._push(seat, Batch(b"".join(e.wire for e in later), later), now)
+        seat.wake()
+        return joined
+
+    async def leave(self, seat: Seat, close_code: int) -> None:
+        """Take a seat out of its room; the room gets LEAVE. Safe to call twice."""
+        if seat.left:
+            return
+        seat.left = True
+        room = seat.room
+        self._publish_room(room)  # the leaver's last moves come before its LEAVE
+        if room.seats.get(seat.actor) is seat:
+            del room.seats[seat.actor]
+        self._to_flush.discard(seat)
+        try:
+            await self.backplane.leave(room.name, seat.actor, close_code)
+        finally:
+            await self._forget_if_empty(room)
+
+    def kick(self, seat: Seat, code: int, reason: str, *, flush: bool) -> None:
+        """Close a seat's connection from the server side and take it out of its room."""
+        if seat.left:
+            return
+        if code == CloseCode.SLOW_CONSUMER:
+            self.stats.slow_consumer_closes += 1
+        seat.close(code, reason, flush)
+        self._spawn(self.leave(seat, code))
+
+    async def _forget_if_empty(self, room: LocalRoom) -> None:
+        if not room.seats and not room.joining and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+            await self.backplane.unsubscribe(room.name)
+
+    # --- moves in --------------------------------------------------------------------
+
+    def submit(self, seat: Seat, entry: Entry) -> None:
+        """Queue a move for the room order; published at the end of this loop iteration."""
+        room = seat.room
+        if not room.pending:
+            self._to_publish.append(room)
+            if not self._publish_scheduled:
+                self._publish_scheduled = True
+                asyncio.get_running_loop().call_soon(self._publish_all)
+        room.pending.append(entry)
+
+    def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:
+        """Send a DIRECT; False when the room has no such actor."""
+        state = seat.room.state
+        if state is None or to_actor not in state.members:
+            return False
+        self.backplane.direct(seat.room.name, to_actor, protocol.direct(seat.actor, seq, data))
+        return True
+
+    def _publish_all(self) -> None:
+        self._publish_scheduled = False
+        rooms, self._to_publish = self._to_publish, []
+        for room in rooms:
+            self._publish_room(room)
+
+    def _publish_room(self, room: LocalRoom) -> None:
+        if room.pending:
+            entries, room.pending = room.pending, []
+            self.backplane.publish(room.name, entries)
+
+    # --- the room order out ----------------------------------------------------------
+
+    def deliver(self, room_name: str, entries: list[Entry]) -> None:
+        room = self.rooms.get(room_name)
+        if room is None or not entries:
+            return
+        state = room.state
+        if state is not None:
+            entries = [e for e in entries if e.offset > state.offset]
+            for entry in entries:
+                state.apply(entry)
+            if not entries:
+                return
+        for seat in room.joining:
+            if seat.early is not None:
+                seat.early.append(entries)
+        for entry in entries:
+            if entry.kind is MsgType.LEAVE:
+                gone = room.seats.get(entry.actor)
+                if gone is not None:  # seated here but removed elsewhere: replaced
+                    self.kick(gone, CloseCode.REPLACED, "this player joined again", flush=True)
+        seats = room.seats
+        if not seats:
+            return
+        first = entries[0].offset
+        wire = entries[0].wire if len(entries) == 1 else b"".join(e.wire for e in entries)
+        shared = Batch(wire, entries)
+        authors = {e.actor for e in entries}
+        now = time.monotonic()
+        for seat in list(seats.values()):
+            if seat.after_offset < first and (seat.echo or seat.actor not in authors):
+                self._push(seat, shared, now)
+            else:
+                own = [e for e in entries if e.offset > seat.after_offset and (seat.echo or e.actor != seat.actor)]
+                if own:
+                    self._push(seat, Batch(b"".join(e.wire for e in own), own), now)
+        self.stats.count_out(entries, len(seats))
+
+    def deliver_direct(self, room_name: str, to_actor: int, wire: bytes) -> None:
+        room = self.rooms.get(room_name)
+        seat = room.seats.get(to_actor) if room is not None else None
+        if seat is not None:
+            entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
+            self._push(seat, Batch(wire, [entry]), time.monotonic())
+            self.stats.messages_out[MsgType.DIRECT] += 1
+
+    def reply(self, seat: Seat, wire: bytes) -> None:
+        """Queue a control message (ERROR, PONG) for one seat."""
+        self._push(seat, Batch(wire, None), time.monotonic())
+
+    def _push(self, seat: Seat, batch: Batch, now: float) -> None:
+        outbox = seat.outbox
+        dropped, coalesced = outbox.dropped_total, outbox.coalesced_total
+        outbox.push(batch, now)
+        if outbox.dropped_total != dropped or outbox.coalesced_total != coalesced:
+            self.stats.dropped += outbox.dropped_total - dropped
+            self.stats.coalesced += outbox.coalesced_total - coalesced
+        if outbox.must_close or (
+            outbox.congested_since is not None
+            and outbox.overdue(now, self.settings.slow_client_timeout_s)
+        ):
+            self.kick(seat, CloseCode.SLOW_CONSUMER, "could not keep up with the room", flush=False)
+        elif self._ticker is None or self.settings.flush_ms <= 0:
+            seat.wake()
+        else:
+            self._to_flush.add(seat)
+
+    async def _tick(self, interval: float) -> None:
+        """Wake writers on a fixed tick (``flush_ms``); also close overdue slow readers."""
+        sweep_every = 1.0
+        next_sweep = time.monotonic() + sweep_every
+        while True:
+            await asyncio.sleep(interval if interval > 0 else sweep_every)
+            if self._to_flush:
+                seats, self._to_flush = self._to_flush, set()
+                for seat in seats:
+                    seat.wake()
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + sweep_every
+                self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        timeout = self.settings.slow_client_timeout_s
+        for seat in self.seats():
+            if seat.outbox.overdue(now, timeout):
+                self.kick(seat, CloseCode.SLOW_CONSUMER, "could not keep up with the room", flush=False)
+
+    def _welcome(self, seat: Seat, joined: Joined) -> bytes:
+        return protocol.welcome(
+            actor=seat.actor,
+            room=seat.room.name,
+            members=joined.members,
+            snapshot=joined.snapshot,
+            server_time_ms=int(time.time() * 1000),
+            limits=self.settings.limits(),
+            offset=joined.offset,
+            epoch=joined.epoch,
+            resume_token=f"{seat.room.name}.{seat.actor}.{joined.epoch}",
+            last_seq=None,
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _mirror(name: str, joined: Joined) -> RoomState:
+    state = RoomState(name, epoch=joined.epoch, offset=joined.offset)
+    for actor, player, meta in joined.members:
+        state.members[actor] = Member(actor, player, meta)
+    state.snapshot = {actor: dict(values) for actor, values in joined.snapshot.items()}
+    return state

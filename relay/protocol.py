@@ -1,0 +1,339 @@
+"""Relay wire protocol v1: message types, close codes, error codes and the codec.
+
+Pure functions over bytes; no asyncio, no sockets. The contract is
+``docs/protocol.md``. Two rules shape this module:
+
+* Bytes stay bytes. A client's ``data`` is never decoded to Python objects to be
+  forwarded: the decoder returns its raw msgpack slice, and the encoders splice
+  that slice into the outgoing message, which is then encoded once for every
+  recipient.
+* Room-ordered messages (EVENT, STATE, JOIN, LEAVE) end with their room offset,
+  which is only known once the backplane has put them in order. So they are
+  built in two parts: a ``head`` (everything but the offset, made where the
+  message enters the relay) and the offset, appended by :func:`with_offset`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+NIL = b"\xc0"
+
+ROOM_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+MAX_KEY_BYTES = 64
+MAX_FIELDS = 16  # a message array longer than this is malformed: nothing we know has more
+
+
+class MsgType(enum.IntEnum):
+    WELCOME = 0
+    EVENT = 1
+    STATE = 2
+    DIRECT = 3
+    JOIN = 5
+    LEAVE = 6
+    ERROR = 7
+    DROPPED = 8
+    PING = 9  # PONG shares the number: a client sends PING, the server answers PONG
+    PONG = 9
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TEXT_FRAME = 1003
+    TOO_MANY_ERRORS = 1008
+    FRAME_TOO_LARGE = 1009
+    INTERNAL_ERROR = 1011
+    AT_CAPACITY = 1013
+    BAD_TOKEN = 4001
+    ROOM_FORBIDDEN = 4003
+    SLOW_CONSUMER = 4008
+    ROOM_FULL = 4009
+    RATE_LIMITED = 4029
+    BAD_REQUEST = 4400
+    REPLACED = 4409
+
+
+class ErrorCode(enum.StrEnum):
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    BAD_TYPE = "bad_type"
+    BAD_SEQ = "bad_seq"
+    RATE_LIMITED = "rate_limited"
+    NO_SUCH_ACTOR = "no_such_actor"
+    REJECTED = "rejected"
+    UNAVAILABLE = "unavailable"
+
+
+# --- client to server ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    data: bytes  # raw msgpack
+
+
+@dataclass(slots=True)
+class State:
+    seq: int
+    key: str | int
+    data: bytes  # raw msgpack; NIL deletes the key
+
+
+@dataclass(slots=True)
+class Direct:
+    seq: int
+    to_actor: int
+    data: bytes  # raw msgpack
+
+
+@dataclass(slots=True)
+class Ping:
+    client_time: bytes  # raw msgpack, echoed back untouched
+
+
+@dataclass(slots=True)
+class Invalid:
+    """A message the decoder refused; answered with ERROR and never relayed."""
+
+    seq: int | None
+    code: ErrorCode
+    message: str
+
+
+ClientMessage = Event | State | Direct | Ping | Invalid
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not accepted")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int subclass but not a valid seq or actor
+
+
+def decode_frame(frame: bytes, *, max_message_bytes: int) -> list[ClientMessage]:
+    """Split one binary frame into client messages.
+
+    Never raises: anything wrong becomes an :class:`Invalid`. A message whose
+    structure cannot be followed (truncated, not msgpack) ends the frame, since
+    the messages after it cannot be found.
+    """
+    unpacker = msgpack.Unpacker(
+        None,
+        raw=False,
+        max_buffer_size=max(len(frame), 1),
+        ext_hook=_reject_ext,
+        strict_map_key=False,
+    )
+    unpacker.feed(frame)
+    out: list[ClientMessage] = []
+    end = len(frame)
+    try:
+        while unpacker.tell() < end:
+            out.append(_decode_message(unpacker, frame, max_message_bytes))
+    except (msgpack.OutOfData, msgpack.StackError, msgpack.FormatError, ValueError) as exc:
+        out.append(Invalid(None, ErrorCode.MALFORMED, f"frame is not valid msgpack: {_why(exc)}"))
+    return out
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, msgpack.OutOfData):
+        return "truncated message"
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deeply"
+    return str(exc) or type(exc).__name__
+
+
+def _decode_message(up: msgpack.Unpacker, frame: bytes, max_message_bytes: int) -> ClientMessage:
+    start = up.tell()
+    try:
+        n = up.read_array_header()
+    except ValueError:
+        up.skip()  # a well-formed value of the wrong kind: step over it and go on
+        return Invalid(None, ErrorCode.MALFORMED, "a message must be a msgpack array")
+    if n > MAX_FIELDS:
+        raise ValueError(f"message array of {n} elements (at most {MAX_FIELDS})")
+    if n == 0:
+        return Invalid(None, ErrorCode.MALFORMED, "empty message array")
+    kind = up.unpack()
+    read = 1
+    result: ClientMessage
+    if not _is_int(kind):
+        result = Invalid(None, ErrorCode.MALFORMED, "message type (element 0) must be an integer")
+    elif kind == MsgType.PING:
+        if n < 2:
+            result = Invalid(None, ErrorCode.MALFORMED, "PING is [9, client_time]")
+        else:
+            result = Ping(_raw_next(up, frame))
+            read = 2
+    elif kind in (MsgType.EVENT, MsgType.STATE, MsgType.DIRECT):
+        seq = up.unpack() if n >= 2 else None
+        read = min(n, 2)
+        if not _is_int(seq):
+            result = Invalid(None, ErrorCode.MALFORMED, "seq (element 1) must be an integer")
+        else:
+            result, read = _decode_move(kind, seq, n, up, frame, max_message_bytes)
+    else:
+        result = Invalid(None, ErrorCode.BAD_TYPE, f"unknown message type {kind!r}")
+    for _ in range(n - read):
+        up.skip()  # trailing elements we do not know are ignored, as the protocol says
+    if up.tell() - start > max_message_bytes + 64 and not isinstance(result, Invalid):
+        seq = getattr(result, "seq", None)
+        return Invalid(seq, ErrorCode.TOO_LARGE, f"message exceeds {max_message_bytes} bytes")
+    return result
+
+
+def _raw_next(up: msgpack.Unpacker, frame: bytes) -> bytes:
+    begin = up.tell()
+    up.skip()
+    return frame[begin : up.tell()]
+
+
+def _decode_move(
+    kind: int, seq: int, n: int, up: msgpack.Unpacker, frame: bytes, max_message_bytes: int
+) -> tuple[ClientMessage, int]:
+    if kind == MsgType.EVENT:
+        if n < 3:
+            return Invalid(seq, ErrorCode.MALFORMED, "EVENT is [1, seq, data]"), 2
+        data = _raw_next(up, frame)
+        if len(data) > max_message_bytes:
+            return Invalid(seq, ErrorCode.TOO_LARGE, _too_large(len(data), max_message_bytes)), 3
+        return Event(seq, data), 3
+    if kind == MsgType.STATE:
+        if n < 4:
+            return Invalid(seq, ErrorCode.MALFORMED, "STATE is [2, seq, key, data]"), 2
+        key = up.unpack()
+        data = _raw_next(up, frame)
+        problem = _key_problem(key)
+        if problem:
+            return Invalid(seq, ErrorCode.MALFORMED, problem), 4
+        if len(data) > max_message_bytes:
+            return Invalid(seq, ErrorCode.TOO_LARGE, _too_large(len(data), max_message_bytes)), 4
+        return State(seq, key, data), 4
+    if n < 4:
+        return Invalid(seq, ErrorCode.MALFORMED, "DIRECT is [3, seq, to_actor, data]"), 2
+    to_actor = up.unpack()
+    data = _raw_next(up, frame)
+    if not _is_int(to_actor):
+        return Invalid(seq, ErrorCode.MALFORMED, "DIRECT to_actor must be an integer"), 4
+    if len(data) > max_message_bytes:
+        return Invalid(seq, ErrorCode.TOO_LARGE, _too_large(len(data), max_message_bytes)), 4
+    return Direct(seq, to_actor, data), 4
+
+
+def _key_problem(key: Any) -> str | None:
+    if _is_int(key):
+        return None if -(2**63) <= key < 2**64 else "STATE key integer out of range"
+    if isinstance(key, str):
+        if len(key.encode()) > MAX_KEY_BYTES:
+            return f"STATE key longer than {MAX_KEY_BYTES} bytes"
+        return None
+    return "STATE key must be a string or an integer"
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"data is {size} bytes, more than max_message_bytes ({limit})"
+
+
+# --- server to client ------------------------------------------------------------
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def pack(value: Any) -> bytes:
+    return _pack(value)
+
+
+def with_offset(head: bytes, offset: int) -> bytes:
+    """Complete a room-ordered message: its head followed by its room offset."""
+    return head + _pack(offset)
+
+
+def event_head(actor: int, seq: int, data: bytes) -> bytes:
+    return b"\x95\x01" + _pack(actor) + _pack(seq) + data
+
+
+def state_head(actor: int, key: str | int, data: bytes) -> bytes:
+    return b"\x95\x02" + _pack(actor) + _pack(key) + data
+
+
+def join_head(actor: int, player: str, meta: dict[str, Any]) -> bytes:
+    return b"\x95\x05" + _pack(actor) + _pack(player) + _pack(meta)
+
+
+def leave_head(actor: int, close_code: int) -> bytes:
+    return b"\x94\x06" + _pack(actor) + _pack(close_code)
+
+
+def direct(from_actor: int, seq: int, data: bytes) -> bytes:
+    return b"\x94\x03" + _pack(from_actor) + _pack(seq) + data
+
+
+def error(ref_seq: int | None, code: ErrorCode, message: str) -> bytes:
+    return _pack([MsgType.ERROR.value, ref_seq, code.value, message])
+
+
+def dropped(count: int) -> bytes:
+    return _pack([MsgType.DROPPED.value, count])
+
+
+def pong(client_time: bytes, server_time_ms: int) -> bytes:
+    return b"\x93\x09" + client_time + _pack(server_time_ms)
+
+
+def welcome(
+    *,
+    actor: int,
+    room: str,
+    members: list[tuple[int, str, dict[str, Any]]],
+    snapshot: dict[int, dict[str | int, bytes]],
+    server_time_ms: int,
+    limits: dict[str, int],
+    offset: int,
+    epoch: str,
+    resume_token: str,
+    last_seq: int | None,
+) -> bytes:
+    """WELCOME; ``snapshot`` values are raw msgpack, spliced in without decoding."""
+    return b"".join(
+        (
+            b"\x9c\x00\x01",
+            _pack(actor),
+            _pack(room),
+            _pack([list(m) for m in members]),
+            encode_snapshot(snapshot),
+            _pack(server_time_ms),
+            _pack(limits),
+            _pack(offset),
+            _pack(epoch),
+            _pack(resume_token),
+            _pack(last_seq),
+        )
+    )
+
+
+def encode_snapshot(snapshot: dict[int, dict[str | int, bytes]]) -> bytes:
+    parts = [_map_header(len(snapshot))]
+    for actor, values in snapshot.items():
+        parts.append(_pack(actor))
+        parts.append(_map_header(len(values)))
+        for key, raw in values.items():
+            parts.append(_pack(key))
+            parts.append(raw)
+    return b"".join(parts)
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")

@@ -1,0 +1,129 @@
+"""A room's state and order: members, actor numbers, the snapshot and offsets.
+
+No sockets and no asyncio. The same :class:`RoomState` is the authority in the
+memory backplane and a node's mirror of a room it has players in.
+
+Order guarantee, stated once: every EVENT, STATE, JOIN and LEAVE of a room gets
+the next integer of the room's offset when :meth:`RoomState.sequence` puts it in
+order, and the snapshot and member list are exactly the result of applying the
+sequenced entries up to :attr:`RoomState.offset`. A joiner's WELCOME is taken at
+an offset and it then receives exactly the entries after it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import protocol
+from relay.protocol import MsgType
+
+
+@dataclass(slots=True)
+class Member:
+    actor: int
+    player: str
+    meta: dict[str, Any]
+
+    def as_wire(self) -> tuple[int, str, dict[str, Any]]:
+        return (self.actor, self.player, self.meta)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message of a room's order: built where it enters, completed when sequenced."""
+
+    kind: MsgType
+    actor: int
+    head: bytes  # the encoded message without its trailing offset
+    key: str | int | None = None  # STATE: the key
+    value: bytes | None = None  # STATE: raw msgpack data (NIL deletes)
+    member: Member | None = None  # JOIN: who joined
+    offset: int = 0
+    wire: bytes = b""  # head + offset, the bytes every recipient gets
+
+    @property
+    def droppable(self) -> bool:
+        """EVENTs may be dropped for a slow reader; STATE coalesces; JOIN/LEAVE never go."""
+        return self.kind is MsgType.EVENT or self.kind is MsgType.DIRECT
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(slots=True)
+class RoomState:
+    room: str
+    epoch: str = field(default_factory=new_epoch)
+    offset: int = 0
+    next_actor: int = 1
+    members: dict[int, Member] = field(default_factory=dict)
+    snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
+
+    def new_actor(self) -> int:
+        actor = self.next_actor
+        self.next_actor += 1
+        return actor
+
+    def sequence(self, entries: list[Entry]) -> None:
+        """Give each entry the room's next offset and apply it to the state."""
+        offset = self.offset
+        for entry in entries:
+            offset += 1
+            entry.offset = offset
+            entry.wire = protocol.with_offset(entry.head, offset)
+            self.apply(entry)
+        self.offset = offset
+
+    def apply(self, entry: Entry) -> None:
+        kind = entry.kind
+        if kind is MsgType.STATE:
+            if entry.actor not in self.members:
+                return  # a late STATE from a member that already left changes nothing
+            values = self.snapshot.setdefault(entry.actor, {})
+            if entry.value == protocol.NIL:
+                values.pop(entry.key, None)  # type: ignore[arg-type]
+                if not values:
+                    del self.snapshot[entry.actor]
+            else:
+                values[entry.key] = entry.value  # type: ignore[index]
+        elif kind is MsgType.JOIN:
+            assert entry.member is not None
+            self.members[entry.actor] = entry.member
+            self.next_actor = max(self.next_actor, entry.actor + 1)
+        elif kind is MsgType.LEAVE:
+            self.members.pop(entry.actor, None)
+            self.snapshot.pop(entry.actor, None)
+        if entry.offset:
+            self.offset = entry.offset
+
+    def member_list(self) -> list[tuple[int, str, dict[str, Any]]]:
+        return [m.as_wire() for m in self.members.values()]
+
+    def snapshot_bytes(self) -> int:
+        return sum(len(v) for values in self.snapshot.values() for v in values.values())
+
+    def find_player(self, player: str) -> Member | None:
+        for member in self.members.values():
+            if member.player == player:
+                return member
+        return None
+
+
+def event_entry(actor: int, seq: int, data: bytes) -> Entry:
+    return Entry(MsgType.EVENT, actor, protocol.event_head(actor, seq, data))
+
+
+def state_entry(actor: int, key: str | int, data: bytes) -> Entry:
+    return Entry(MsgType.STATE, actor, protocol.state_head(actor, key, data), key=key, value=data)
+
+
+def join_entry(member: Member) -> Entry:
+    head = protocol.join_head(member.actor, member.player, member.meta)
+    return Entry(MsgType.JOIN, member.actor, head, member=member)
+
+
+def leave_entry(actor: int, close_code: int) -> Entry:
+    return Entry(MsgType.LEAVE, actor, protocol.leave_head(actor, close_code))

@@ -1,0 +1,63 @@
+"""Running the relay under uvicorn, with a graceful shutdown that closes with 1001.
+
+uvicorn's own shutdown closes WebSockets with 1012 without flushing what the app
+has queued. On SIGTERM or SIGINT this server first stops listening, then lets
+every relay in the process flush its outboxes and close its clients with 1001
+(bounded by ``shutdown_timeout_s``), and only then runs uvicorn's shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from relay import server
+from relay.config import Settings
+from relay.websocket import RelayWebSocketProtocol
+
+
+class RelayServer(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for listener in self.servers:
+            listener.close()
+        for relay in list(server.RUNNING):
+            await relay.shutdown()
+        await super().shutdown(sockets)
+
+
+def uvicorn_config(settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        "relay.server:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        ws=RelayWebSocketProtocol,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_timeout_s,
+        ws_per_message_deflate=False,  # compression costs more CPU per frame than it saves here
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,
+    )
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT. Worker processes read the settings from RELAY_* variables."""
+    os.environ.update(settings.to_env())
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    config = uvicorn_config(settings)
+    relay_server = RelayServer(config)
+    if settings.workers > 1:
+        sock = config.bind_socket()
+        Multiprocess(config, target=relay_server.run, sockets=[sock]).run()
+    else:
+        relay_server.run()

@@ -1,0 +1,380 @@
+"""The ASGI edge: WebSocket connections and HTTP routes. The only module on FastAPI.
+
+Each WebSocket connection runs two coroutines: the reader (this request's task),
+which decodes frames and hands moves to the node without awaiting anything but
+the next frame, and a writer task, which sends everything its outbox holds as
+one frame whenever it is woken and its socket can take more. Nothing that
+serves a room awaits one client's socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from fastapi import FastAPI, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from relay import protocol
+from relay.backplane.base import Backplane, RoomFull
+from relay.backplane.memory import MemoryBackplane
+from relay.config import Settings
+from relay.metrics import Stats, registry, render
+from relay.node import LocalRoom, Node, Seat
+from relay.outbox import Outbox
+from relay.protocol import CloseCode, Direct, ErrorCode, Event, Invalid, Ping, State
+from relay.room import event_entry, state_entry
+from relay.session import Session
+
+log = logging.getLogger("relay")
+
+MAX_PLAYER_ID = 64
+MAX_NAME = 64
+FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
+
+
+class Relay:
+    """One process's relay: settings, stats, the node, and its live connections."""
+
+    def __init__(self, settings: Settings, backplane: Backplane | None = None) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        self.node = Node(backplane or MemoryBackplane(), settings, self.stats)
+        self.connections: set[Connection] = set()
+        self.closing = False
+
+    def gauges(self) -> dict[str, float]:
+        seats = self.node.seats()
+        return {
+            "connections_open": len(self.connections),
+            "rooms_local": len(self.node.rooms),
+            "outbox_bytes": sum(seat.outbox.size for seat in seats),
+        }
+
+    async def shutdown(self) -> None:
+        """Stop taking players, flush what is queued, close everyone with 1001."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down", flush=True)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # polling a set that empties as writers finish
+
+
+class Connection:
+    """One WebSocket: the reader loop, the writer task, and the close."""
+
+    def __init__(self, relay: Relay, scope: Scope, receive: Receive, send: Send) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+        self.stats = relay.stats
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.wakeup = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.writer: asyncio.Task[None] | None = None
+        self.seat: Seat | None = None
+        self.session = Session(self.settings, time.monotonic())
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send({"type": "websocket.accept"})
+        self.stats.connections_total += 1
+        if self.relay.closing:
+            return await self._close_now(CloseCode.GOING_AWAY, "server shutting down")
+        room, params, problem = parse_request(self.scope)
+        if problem:
+            return await self._close_now(CloseCode.BAD_REQUEST, problem)
+        s = self.settings
+        outbox = Outbox(
+            soft_bytes=s.outbox_soft_bytes,
+            hard_bytes=s.outbox_hard_bytes,
+            max_frame_bytes=s.max_out_frame_bytes,
+        )
+        self.seat = seat = Seat(
+            room=LocalRoom(room),
+            player=params["player"],
+            meta=params["meta"],
+            echo=params["echo"],
+            outbox=outbox,
+            wake=self.wakeup.set,
+            close=self.close,
+        )
+        try:
+            await self.relay.node.join(seat)
+        except RoomFull:
+            return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
+        self.relay.connections.add(self)
+        self.writer = asyncio.create_task(self._write())
+        leave_code = CloseCode.INTERNAL_ERROR
+        try:
+            leave_code = await self._read()
+        except Exception:
+            log.exception("connection to %s failed", room)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
+        finally:
+            if self.close_code is not None:
+                leave_code = self.close_code
+            await self.relay.node.leave(seat, leave_code)
+            await self._finish()
+            self.relay.connections.discard(self)
+            self.stats.closes[leave_code] += 1
+
+    async def _read(self) -> int:
+        receive = self.receive
+        on_frame = self._on_frame
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                frame = message.get("bytes")
+                if frame is None:
+                    self.close(CloseCode.TEXT_FRAME, "only binary frames are accepted", flush=True)
+                    continue
+                if self.close_code is None:
+                    on_frame(frame)
+            elif message["type"] == "websocket.disconnect":
+                code = message.get("code", 1006)
+                return 1006 if code == 1005 else code  # 1005: the peer vanished without a close
+
+    def close(self, code: int, reason: str, flush: bool) -> None:
+        """Close from the server side; ``flush`` sends what is queued first."""
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = code, reason
+        if flush and self.writer is not None:
+            self.wakeup.set()
+            return
+        if self.writer is not None:
+            self.writer.cancel()
+        self.writer = asyncio.create_task(self._close_now(code, reason))
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        self.close_code = code
+        with contextlib.suppress(OSError, RuntimeError):
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def _finish(self) -> None:
+        if self.close_code is None:
+            self.close_code = CloseCode.NORMAL
+        writer = self.writer
+        if writer is None:
+            return
+        if not writer.done():
+            self.wakeup.set()
+            try:
+                await asyncio.wait_for(writer, self.settings.shutdown_timeout_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+        elif not writer.cancelled() and writer.exception() is not None:
+            log.debug("writer ended with %r", writer.exception())
+
+    async def _write(self) -> None:
+        take = self.seat.outbox.take  # type: ignore[union-attr]
+        send = self.send
+        stats = self.stats
+        wakeup = self.wakeup
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                while (frame := take()) is not None:
+                    await send({"type": "websocket.send", "bytes": frame})
+                    stats.frames_out += 1
+                    stats.bytes_out += len(frame)
+                if self.close_code is not None:
+                    await send(
+                        {"type": "websocket.close", "code": self.close_code, "reason": self.close_reason}
+                    )
+                    return
+        except (OSError, RuntimeError):
+            return  # the peer is gone; the reader will see the disconnect
+
+    # --- the hot path ----------------------------------------------------------------
+
+    def _on_frame(self, frame: bytes) -> None:
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(frame)
+        if len(frame) > self.settings.max_frame_bytes:  # uvicorn enforces this too
+            self.close(CloseCode.FRAME_TOO_LARGE, "frame larger than max_frame_bytes", flush=True)
+            return
+        seat = self.seat
+        assert seat is not None
+        node = self.relay.node
+        session = self.session
+        now = time.monotonic()
+        for msg in protocol.decode_frame(frame, max_message_bytes=self.settings.max_message_bytes):
+            kind = type(msg)
+            if kind is Invalid:
+                if self._reject(msg, now):  # type: ignore[arg-type]
+                    return
+                continue
+            problem = session.admit(None if kind is Ping else msg.seq, now)  # type: ignore[union-attr]
+            if problem is not None:
+                if self._reject(problem, now):
+                    return
+                continue
+            if kind is Event:
+                stats.messages_in["EVENT"] += 1
+                node.submit(seat, event_entry(seat.actor, msg.seq, msg.data))  # type: ignore[union-attr]
+            elif kind is State:
+                stats.messages_in["STATE"] += 1
+                node.submit(seat, state_entry(seat.actor, msg.key, msg.data))  # type: ignore[union-attr]
+            elif kind is Direct:
+                stats.messages_in["DIRECT"] += 1
+                if not node.direct(seat, msg.to_actor, msg.seq, msg.data):  # type: ignore[union-attr]
+                    why = f"no member with actor {msg.to_actor} in this room"  # type: ignore[union-attr]
+                    if self._reject(Invalid(msg.seq, ErrorCode.NO_SUCH_ACTOR, why), now):  # type: ignore[union-attr]
+                        return
+            else:
+                stats.messages_in["PING"] += 1
+                node.reply(seat, protocol.pong(msg.client_time, int(time.time() * 1000)))  # type: ignore[union-attr]
+
+    def _reject(self, invalid: Invalid, now: float) -> bool:
+        """Answer ERROR; True when the connection has used up its error budget."""
+        self.stats.errors[invalid.code.value] += 1
+        seat = self.seat
+        assert seat is not None
+        self.relay.node.reply(seat, protocol.error(invalid.seq, invalid.code, invalid.message))
+        close = self.session.rejected(invalid, now)
+        if close is None:
+            return False
+        reason = "too many rejected messages" if close == CloseCode.TOO_MANY_ERRORS else "rate limit exceeded repeatedly"
+        self.relay.node.kick(seat, close, reason, flush=True)
+        return True
+
+
+def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
+    """The room and query parameters of a connection, or a 4400 reason."""
+    room = scope.get("path_params", {}).get("room", "")
+    if not protocol.ROOM_ID.fullmatch(room):
+        return room, {}, "room must be 1-64 characters from A-Z a-z 0-9 _ . : -"
+    try:
+        query = parse_qs(scope.get("query_string", b"").decode(), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return room, {}, "query string is not UTF-8"
+    one = {k: v[-1] for k, v in query.items()}
+    echo = FLAGS.get(one.get("echo", "0").lower())
+    if echo is None:
+        return room, {}, "echo must be 0 or 1"
+    player = one.get("player") or "p-" + secrets.token_hex(6)
+    if len(player.encode()) > MAX_PLAYER_ID or not player.isprintable():
+        return room, {}, f"player must be 1-{MAX_PLAYER_ID} printable characters"
+    meta: dict[str, Any] = {}
+    if "name" in one:
+        name = one["name"]
+        if len(name) > MAX_NAME or not name.isprintable():
+            return room, {}, f"name must be at most {MAX_NAME} printable characters"
+        meta["name"] = name
+    return room, {"player": player, "echo": echo, "meta": meta}, None
+
+
+class WebSocketEndpoint:
+    """A raw ASGI endpoint: Starlette's WebSocket wrapper costs time on every frame."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        await Connection(self.relay, scope, receive, send).run()
+
+
+def json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+RUNNING: set[Relay] = set()
+
+
+def create_app(settings: Settings | None = None, backplane: Backplane | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    relay = Relay(settings, backplane)
+    metrics_registry = registry(relay.stats, relay.gauges)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await relay.node.start()
+        RUNNING.add(relay)
+        log.info(
+            "relay ready on ws://%s:%d/ws/{room} (backplane: %s)",
+            settings.host, settings.port, relay.node.backplane.name,
+        )
+        try:
+            yield
+        finally:
+            RUNNING.discard(relay)
+            await relay.shutdown()
+            await relay.node.close()
+
+    app = FastAPI(title="relay", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.relay = relay
+    app.router.add_websocket_route("/ws/{room}", WebSocketEndpoint(relay))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = relay.node.backplane.ready() and not relay.closing
+        return json({"ready": ready}, 200 if ready else 503)
+
+    @app.get("/rooms")
+    async def rooms() -> Response:
+        counts = await relay.node.backplane.rooms()
+        return json({"rooms": [{"room": r, "members": n} for r, n in sorted(counts.items())]})
+
+    @app.get("/rooms/{room}")
+    async def room(room: str) -> Response:
+        state = await relay.node.backplane.room(room)
+        if state is None:
+            return json({"error": f"no room {room!r}"}, 404)
+        return json(
+            {
+                "room": room,
+                "epoch": state.epoch,
+                "offset": state.offset,
+                "members": [
+                    {"actor": m.actor, "player": m.player, "meta": m.meta}
+                    for m in state.members.values()
+                ],
+                "snapshot_keys": sum(len(v) for v in state.snapshot.values()),
+                "snapshot_bytes": state.snapshot_bytes(),
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(metrics_registry), media_type="text/plain; version=0.0.4")
+
+    static = resources.files("relay") / "static"
+    if (static / "index.html").is_file():
+
+        @app.get("/")
+        async def index() -> Response:
+            return Response((static / "index.html").read_bytes(), media_type="text/html")
+
+    if (static / "client.js").is_file():
+
+        @app.get("/client.js")
+        async def client_js() -> Response:
+            body = (static / "client.js").read_bytes()
+            return Response(body, media_type="text/javascript")
+
+    app.mount("/static", StaticFiles(directory=str(static), check_dir=False), name="static")
+    return app

@@ -1,0 +1,72 @@
+"""One connection's checks on what it sends: seq order, rate, error budget. No I/O.
+
+A message passes :meth:`Session.admit` or gets an :class:`Invalid` to answer
+with ERROR. Rejections are counted: too many in ``errors_window_s`` ends the
+connection with 1008, too many ``rate_limited`` with 4029.
+"""
+
+from __future__ import annotations
+
+from relay.config import Settings
+from relay.protocol import CloseCode, ErrorCode, Invalid, Ping
+
+
+class _Window:
+    """Counts events in fixed windows of ``length`` seconds."""
+
+    __slots__ = ("length", "started", "count")
+
+    def __init__(self, length: float) -> None:
+        self.length = length
+        self.started = 0.0
+        self.count = 0
+
+    def add(self, now: float) -> int:
+        if now - self.started > self.length:
+            self.started = now
+            self.count = 0
+        self.count += 1
+        return self.count
+
+
+class Session:
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.last_seq: int | None = None
+        self._rate = settings.max_msgs_per_s
+        self._burst = float(settings.burst)
+        self._tokens = float(settings.burst)
+        self._refilled = now
+        self._max_errors = settings.max_errors
+        self._max_rate_errors = settings.max_rate_errors
+        self._errors = _Window(settings.errors_window_s)
+        self._rate_errors = _Window(settings.errors_window_s)
+
+    def admit(self, seq: int | None, now: float) -> Invalid | None:
+        """Check one decoded message (``seq`` None for PING); None means go ahead."""
+        tokens = self._tokens + (now - self._refilled) * self._rate
+        self._refilled = now
+        if tokens < 1.0:
+            self._tokens = tokens if tokens < self._burst else self._burst
+            return Invalid(seq, ErrorCode.RATE_LIMITED, f"more than {self._rate:g} messages/s")
+        self._tokens = (tokens if tokens < self._burst else self._burst) - 1.0
+        if seq is None:
+            return None
+        last = self.last_seq
+        if last is not None and seq <= last:
+            return Invalid(seq, ErrorCode.BAD_SEQ, f"seq {seq} is not greater than {last}")
+        self.last_seq = seq
+        return None
+
+    def rejected(self, invalid: Invalid, now: float) -> CloseCode | None:
+        """Count a rejection; a close code when the connection has used up its budget."""
+        if invalid.code is ErrorCode.RATE_LIMITED:
+            if self._rate_errors.add(now) > self._max_rate_errors:
+                return CloseCode.RATE_LIMITED
+            return None
+        if self._errors.add(now) > self._max_errors:
+            return CloseCode.TOO_MANY_ERRORS
+        return None
+
+
+def seq_of(message: object) -> int | None:
+    return None if isinstance(message, Ping) else getattr(message, "seq", None)
