@@ -1,5 +1,12 @@
 // Generated from clients/js/src by 'npm run build' in clients/js: do not edit.
-// Includes @msgpack/msgpack (ISC license, https://github.com/msgpack/msgpack-javascript).
+// Includes @msgpack/msgpack 3.1.3, under this license:
+/*
+ Copyright 2019 The MessagePack Community.
+
+ Permission to use, copy, modify, and/or distribute this software for any purpose with or without fee is hereby granted, provided that the above copyright notice and this permission notice appear in all copies.
+
+ THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
 var __defProp = Object.defineProperty;
 var __export = (target, all) => {
   for (var name in all)
@@ -1647,20 +1654,18 @@ var RoomView = class {
    * @returns {any} the previous value
    */
   setState(actor, key, data) {
-    let values = this.snapshot.get(actor);
+    const values = this.snapshot.get(actor);
     const previous = values?.[key];
     if (data === null || data === void 0) {
       if (values) {
         delete values[key];
         if (Object.keys(values).length === 0) this.snapshot.delete(actor);
       }
-      return previous;
+    } else if (values) {
+      values[key] = data;
+    } else {
+      this.snapshot.set(actor, Object.assign(/* @__PURE__ */ Object.create(null), { [key]: data }));
     }
-    if (!values) {
-      values = /* @__PURE__ */ Object.create(null);
-      this.snapshot.set(actor, values);
-    }
-    values[key] = data;
     return previous;
   }
 };
@@ -1778,7 +1783,7 @@ var RelayClient = class {
   }
   /** Round-trip time to the server, in ms. Rejects if the connection closes first. @returns {Promise<number>} */
   ping() {
-    this._checkOpen();
+    if (this.status !== "open") return Promise.reject(new RelayError(`not connected (status: ${this.status})`));
     const sentAt = performance.now();
     return new Promise((resolve, reject) => {
       const waiting = this._pings.get(sentAt);
@@ -1787,7 +1792,7 @@ var RelayClient = class {
       this._queue(ping(sentAt));
     });
   }
-  /** Leave the room for good: no reconnect. */
+  /** Leave the room for good: no reconnect. A browser accepts code 1000 or 3000-4999. */
   close(code = 1e3, reason = "") {
     this._closedByUser = true;
     clearTimeout(this._timer);

@@ -8,8 +8,14 @@ import { RelayClient } from '/client.js';
 const COLS = 20;
 const ROWS = 15;
 const MOVES = {
-  ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1],
-  a: [-1, 0], d: [1, 0], w: [0, -1], s: [0, 1],
+  ArrowLeft: [-1, 0],
+  ArrowRight: [1, 0],
+  ArrowUp: [0, -1],
+  ArrowDown: [0, 1],
+  a: [-1, 0],
+  d: [1, 0],
+  w: [0, -1],
+  s: [0, 1],
 };
 
 const params = new URLSearchParams(location.search);
@@ -53,15 +59,25 @@ client.on('resynced', ({ actor, previousActor }) => {
 client.on('state', ({ from, key, data }) => {
   if (key !== 'pos') return;
   // Two players who joined at the same instant can pick the same cell: the newer one moves.
-  if (mine && data && from < client.actor && data[0] === mine[0] && data[1] === mine[1]) place(freeCell());
+  if (mine && data && from < client.actor && data[0] === mine[0] && data[1] === mine[1])
+    place(freeCell());
   render();
 });
 client.on('event', ({ from, data }) => {
   if (data?.t === 'boom') ring(from, data.x, data.y);
 });
-client.on('join', (m) => { log(`${label(m)} joined`); renderMembers(); });
-client.on('leave', (m) => { log(`${label(m)} left (${m.code})`); renderMembers(); render(); });
-client.on('dropped', ({ total }) => { $('dropped').textContent = String(total); });
+client.on('join', (m) => {
+  log(`${label(m)} joined`);
+  renderMembers();
+});
+client.on('leave', (m) => {
+  log(`${label(m)} left (${m.code})`);
+  renderMembers();
+  render();
+});
+client.on('dropped', ({ total }) => {
+  $('dropped').textContent = String(total);
+});
 client.on('error', ({ code, message }) => log(`error ${code}: ${message}`));
 let lastClose = 0;
 client.on('close', ({ code, reason, willReconnect }) => {
@@ -80,7 +96,8 @@ client.ready.catch(() => {}); // the 'close' callback has shown why
 function others() {
   const cells = new Map();
   for (const [actor, values] of client.snapshot) {
-    if (actor !== client.actor && Array.isArray(values.pos)) cells.set(`${values.pos[0]},${values.pos[1]}`, actor);
+    if (actor !== client.actor && Array.isArray(values.pos))
+      cells.set(`${values.pos[0]},${values.pos[1]}`, actor);
   }
   return cells;
 }
@@ -91,7 +108,8 @@ const occupied = (/** @type {number} */ x, /** @type {number} */ y) => others().
 function freeCell() {
   const taken = others();
   const free = [];
-  for (let y = 0; y < ROWS; y++) for (let x = 0; x < COLS; x++) if (!taken.has(`${x},${y}`)) free.push([x, y]);
+  for (let y = 0; y < ROWS; y++)
+    for (let x = 0; x < COLS; x++) if (!taken.has(`${x},${y}`)) free.push([x, y]);
   return free[Math.floor(Math.random() * free.length)];
 }
 
@@ -130,7 +148,10 @@ window.addEventListener('keydown', (e) => {
 arena.addEventListener('click', (e) => {
   const box = arena.getBoundingClientRect();
   const cell = box.width / COLS;
-  moveTo(Math.floor((e.clientX - box.left - arena.clientLeft) / cell), Math.floor((e.clientY - box.top - arena.clientTop) / cell));
+  moveTo(
+    Math.floor((e.clientX - box.left - arena.clientLeft) / cell),
+    Math.floor((e.clientY - box.top - arena.clientTop) / cell),
+  );
 });
 
 $('boom').addEventListener('click', (e) => {
@@ -151,9 +172,12 @@ setInterval(measure, 2000);
 
 // --- drawing ------------------------------------------------------------------------
 
-const color = (/** @type {number} */ actor) => `hsl(${Math.round((actor * 137.508) % 360)} 75% 60%)`;
-const label = (/** @type {{actor: number, meta?: any}} */ m) => `${m.meta?.name || 'anonymous'} (${m.actor})`;
-const nameOf = (/** @type {number} */ actor) => client.members.get(actor)?.meta?.name || `#${actor}`;
+const color = (/** @type {number} */ actor) =>
+  `hsl(${Math.round((actor * 137.508) % 360)} 75% 60%)`;
+const label = (/** @type {{actor: number, meta?: any}} */ m) =>
+  `${m.meta?.name || 'anonymous'} (${m.actor})`;
+const nameOf = (/** @type {number} */ actor) =>
+  client.members.get(actor)?.meta?.name || `#${actor}`;
 
 /** Draw a marker for every member with a position, and only those. */
 function render() {
@@ -162,7 +186,9 @@ function render() {
     const pos = values.pos;
     if (!Array.isArray(pos)) continue;
     seen.add(String(actor));
-    let el = /** @type {HTMLElement|null} */ (arena.querySelector(`.marker[data-actor="${actor}"]`));
+    let el = /** @type {HTMLElement|null} */ (
+      arena.querySelector(`.marker[data-actor="${actor}"]`)
+    );
     if (!el) {
       el = document.createElement('div');
       el.className = 'marker';
@@ -180,7 +206,9 @@ function render() {
     el.style.setProperty('--y', String(pos[1]));
     el.style.setProperty('--color', color(actor));
     /** @type {HTMLElement} */ (el.querySelector('.tag')).textContent = name;
-    /** @type {HTMLElement} */ (el.querySelector('.dot')).textContent = name.charAt(0).toUpperCase();
+    /** @type {HTMLElement} */ (el.querySelector('.dot')).textContent = name
+      .charAt(0)
+      .toUpperCase();
   }
   for (const el of arena.querySelectorAll('.marker')) {
     if (!seen.has(/** @type {HTMLElement} */ (el).dataset.actor ?? '')) el.remove();
@@ -195,8 +223,10 @@ function renderMembers() {
       li.dataset.actor = String(m.actor);
       li.style.setProperty('--color', color(m.actor));
       const you = m.actor === client.actor ? ' (you)' : '';
-      li.innerHTML = '<span class="swatch"></span><span class="name"></span><span class="actor"></span>';
-      /** @type {HTMLElement} */ (li.querySelector('.name')).textContent = `${m.meta?.name || 'anonymous'}${you}`;
+      li.innerHTML =
+        '<span class="swatch"></span><span class="name"></span><span class="actor"></span>';
+      /** @type {HTMLElement} */ (li.querySelector('.name')).textContent =
+        `${m.meta?.name || 'anonymous'}${you}`;
       /** @type {HTMLElement} */ (li.querySelector('.actor')).textContent = `actor ${m.actor}`;
       return li;
     }),
@@ -254,9 +284,15 @@ function randomName() {
 // For a console session: the client and what the page shows.
 window.relayDemo = {
   client,
-  get actor() { return client.actor; },
-  get members() { return [...client.members.values()]; },
+  get actor() {
+    return client.actor;
+  },
+  get members() {
+    return [...client.members.values()];
+  },
   get positions() {
-    return Object.fromEntries([...client.snapshot].filter(([, v]) => v.pos).map(([a, v]) => [a, v.pos]));
+    return Object.fromEntries(
+      [...client.snapshot].filter(([, v]) => v.pos).map(([a, v]) => [a, v.pos]),
+    );
   },
 };

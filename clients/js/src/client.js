@@ -1,0 +1,377 @@
+// The relay browser client: one WebSocket to one room, the room's members and
+// snapshot kept current, batched sends, ping, and reconnect with backoff.
+//
+//   const client = await connect({ room: 'grid:lobby', name: 'Ada' });
+//   client.on('state', ({ from, key, data }) => draw(from, key, data));
+//   client.sendState('pos', [3, 4]);
+
+import * as codec from './codec.js';
+import { RoomView } from './room.js';
+
+export { codec, RoomView };
+export { CloseCode, MsgType, FINAL_CLOSE_CODES, shouldReconnect } from './codec.js';
+
+const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
+
+/**
+ * @typedef {object} ConnectOptions
+ * @property {string} room  1-64 characters from A-Z a-z 0-9 _ . : -
+ * @property {string} [url]  the relay's base URL (http(s):// or ws(s)://); default: this page's origin
+ * @property {string} [player]  player id (servers without a token secret only)
+ * @property {string} [name]  display name, carried in the member's meta
+ * @property {string} [token]  signed token naming the player
+ * @property {boolean} [echo]  also receive this player's own EVENT/STATE, in room order
+ * @property {boolean} [reconnect]  reconnect after a break (default true)
+ * @property {number} [backoffMs]  first reconnect delay (default 250), doubled per failed try
+ * @property {number} [maxBackoffMs]  longest reconnect delay (default 8000)
+ * @property {typeof WebSocket} [WebSocket]  the WebSocket class (default: the global one)
+ */
+
+/**
+ * What each callback receives.
+ * @typedef {object} ClientEvents
+ * @property {import('./codec.js').Welcome} welcome  every WELCOME, the first and each after a reconnect
+ * @property {{from: number, seq: number, data: any, offset: number}} event
+ * @property {{from: number, key: string|number, data: any, previous: any, offset: number}} state
+ * @property {{from: number, seq: number, data: any}} direct
+ * @property {import('./codec.js').Member & {offset: number}} join
+ * @property {import('./codec.js').Member & {code: number, offset: number}} leave
+ * @property {{seq: number|null, code: string, message: string}} error  an ERROR from the server, or code 'undecodable' for a frame this client could not read
+ * @property {{count: number, total: number}} dropped
+ * @property {{code: number, reason: string, willReconnect: boolean}} close
+ * @property {{attempt: number, delayMs: number}} reconnecting
+ * @property {{actor: number, previousActor: number|null}} resynced  rejoined after a break, with a fresh snapshot
+ */
+
+/** Raised by connect() when the server closes before WELCOME, and by send calls while not open. */
+export class RelayError extends Error {
+  /** @param {string} message @param {number} [code] @param {string} [reason] */
+  constructor(message, code, reason = '') {
+    super(message);
+    this.name = 'RelayError';
+    /** the WebSocket close code, when a close caused this */
+    this.code = code;
+    this.reason = reason;
+  }
+}
+
+/**
+ * Join a room. Resolves once WELCOME arrives; rejects with a RelayError
+ * carrying the close code and reason if the server refuses the connection.
+ * @param {ConnectOptions} options
+ * @returns {Promise<RelayClient>}
+ */
+export async function connect(options) {
+  const client = new RelayClient(options);
+  await client.ready;
+  return client;
+}
+
+/** Build the WebSocket URL of a room. @param {ConnectOptions} o */
+export function socketUrl(o) {
+  if (!ROOM_ID.test(o.room ?? '')) {
+    throw new TypeError(
+      `room must be 1-64 characters from A-Z a-z 0-9 _ . : -, not ${JSON.stringify(o.room)}`,
+    );
+  }
+  const url = new URL(o.url ?? globalThis.location.origin);
+  url.protocol = url.protocol.replace(/^http/, 'ws'); // http: -> ws:, https: -> wss:
+  url.pathname = `${url.pathname.replace(/\/$/, '')}/ws/${o.room}`;
+  url.search = '';
+  if (o.token) url.searchParams.set('token', o.token);
+  if (o.player) url.searchParams.set('player', o.player);
+  if (o.name) url.searchParams.set('name', o.name);
+  if (o.echo) url.searchParams.set('echo', '1');
+  return url.href;
+}
+
+export class RelayClient {
+  /** @param {ConnectOptions} options */
+  constructor(options) {
+    this.options = { reconnect: true, backoffMs: 250, maxBackoffMs: 8000, ...options };
+    this.url = socketUrl(this.options);
+    /** @type {'connecting'|'open'|'reconnecting'|'closed'} */
+    this.status = 'connecting';
+    this.view = new RoomView();
+    /** EVENTs the server dropped for this client because it read too slowly. */
+    this.droppedTotal = 0;
+    /** @type {Record<string, number>} the limits in force, from WELCOME */
+    this.limits = {};
+    this._seq = 0; // strictly increasing for the client's life, across reconnects
+    /** @type {Uint8Array[]} */
+    this._pending = [];
+    this._flushQueued = false;
+    /** @type {Map<number, Array<{resolve: (ms: number) => void, reject: (e: Error) => void}>>} */
+    this._pings = new Map();
+    /** @type {Map<string, Set<Function>>} */
+    this._handlers = new Map();
+    this._attempt = 0;
+    this._welcomed = false;
+    this._closedByUser = false;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this._timer = undefined;
+    /** Resolves on the first WELCOME. @type {Promise<RelayClient>} */
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    this.ready.catch(() => {}); // connect() surfaces it; an unawaited client must not warn
+    this._open();
+  }
+
+  /** This player's actor in the room (it may change after a reconnect). */
+  get actor() {
+    return this.view.actor;
+  }
+  get room() {
+    return this.view.room;
+  }
+  /** actor -> {actor, player, meta}, this player included. */
+  get members() {
+    return this.view.members;
+  }
+  /** actor -> {key: data}: every member's latest STATE values. */
+  get snapshot() {
+    return this.view.snapshot;
+  }
+  /** The last room offset seen. */
+  get offset() {
+    return this.view.offset;
+  }
+
+  /**
+   * Call fn for every message or change of the given kind; returns a function that unsubscribes.
+   * @template {keyof ClientEvents} K
+   * @param {K} type @param {(e: ClientEvents[K]) => void} fn
+   */
+  on(type, fn) {
+    if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+    this._handlers.get(type)?.add(fn);
+    return () => this.off(type, fn);
+  }
+
+  /** @template {keyof ClientEvents} K @param {K} type @param {(e: ClientEvents[K]) => void} fn */
+  off(type, fn) {
+    this._handlers.get(type)?.delete(fn);
+  }
+
+  /** Send an ordered move to every other member. @returns {number} its seq */
+  sendEvent(/** @type {any} */ data) {
+    const seq = this._nextSeq();
+    this._queue(codec.event(seq, data));
+    return seq;
+  }
+
+  /**
+   * Set this player's value under key (data null deletes it); kept in the room snapshot.
+   * @param {string|number} key @param {any} data @returns {number} its seq
+   */
+  sendState(key, data) {
+    const seq = this._nextSeq();
+    this._queue(codec.state(seq, key, data));
+    // Without echo the server will not send it back, so keep our copy current here.
+    if (!this.options.echo && this.view.actor !== null)
+      this.view.setState(this.view.actor, key, data);
+    return seq;
+  }
+
+  /** Send a move to one member only. @param {number} toActor @param {any} data @returns {number} its seq */
+  sendDirect(toActor, data) {
+    const seq = this._nextSeq();
+    this._queue(codec.direct(seq, toActor, data));
+    return seq;
+  }
+
+  /** Round-trip time to the server, in ms. Rejects if the connection closes first. @returns {Promise<number>} */
+  ping() {
+    if (this.status !== 'open')
+      return Promise.reject(new RelayError(`not connected (status: ${this.status})`));
+    const sentAt = performance.now();
+    return new Promise((resolve, reject) => {
+      const waiting = this._pings.get(sentAt);
+      if (waiting) return waiting.push({ resolve, reject }); // same instant: one PING answers both
+      this._pings.set(sentAt, [{ resolve, reject }]);
+      this._queue(codec.ping(sentAt));
+    });
+  }
+
+  /** Leave the room for good: no reconnect. A browser accepts code 1000 or 3000-4999. */
+  close(code = 1000, reason = '') {
+    this._closedByUser = true;
+    clearTimeout(this._timer);
+    if (this.socket && this.socket.readyState <= 1) {
+      this._flush(); // what was sent before close() still goes out
+      this.socket.close(code, reason);
+    } else {
+      this._finish(code, reason);
+    }
+  }
+
+  // --- internals ------------------------------------------------------------------
+
+  _nextSeq() {
+    this._checkOpen();
+    return ++this._seq;
+  }
+
+  _checkOpen() {
+    if (this.status !== 'open') throw new RelayError(`not connected (status: ${this.status})`);
+  }
+
+  /** Messages wait for the end of the current task, then go out together as one frame. */
+  _queue(/** @type {unknown[]} */ message) {
+    this._pending.push(codec.encodeMessage(message));
+    if (this._flushQueued) return;
+    this._flushQueued = true;
+    queueMicrotask(() => this._flush());
+  }
+
+  _flush() {
+    this._flushQueued = false;
+    if (this._pending.length === 0) return;
+    const frames = codec.packFrames(this._pending, this.limits.max_frame_bytes ?? Infinity);
+    this._pending = [];
+    // A socket that broke meanwhile discards these; the messages were sent into a break.
+    if (this.socket?.readyState === 1) for (const frame of frames) this.socket.send(frame);
+  }
+
+  _open() {
+    const Socket = this.options.WebSocket ?? globalThis.WebSocket;
+    const socket = new Socket(this.url);
+    socket.binaryType = 'arraybuffer';
+    socket.onmessage = (ev) => this.socket === socket && this._onFrame(ev.data);
+    socket.onclose = (ev) => this.socket === socket && this._onClose(ev.code, ev.reason);
+    this.socket = socket;
+  }
+
+  _onFrame(/** @type {unknown} */ data) {
+    if (!(data instanceof ArrayBuffer || ArrayBuffer.isView(data))) return; // the server sends binary only
+    let messages;
+    try {
+      messages = codec.decodeFrame(/** @type {ArrayBuffer} */ (data));
+    } catch (err) {
+      this._emit('error', {
+        seq: null,
+        code: 'undecodable',
+        message: `frame is not valid msgpack: ${err}`,
+      });
+      return;
+    }
+    for (const msg of messages) this._onMessage(msg);
+  }
+
+  _onMessage(/** @type {import('./codec.js').ServerMessage} */ msg) {
+    switch (msg.type) {
+      case 'welcome':
+        return this._onWelcome(msg);
+      case 'event': {
+        this.view.apply(msg);
+        return this._emit('event', {
+          from: msg.from,
+          seq: msg.seq,
+          data: msg.data,
+          offset: msg.offset,
+        });
+      }
+      case 'state': {
+        const previous = this.view.apply(msg);
+        return this._emit('state', {
+          from: msg.from,
+          key: msg.key,
+          data: msg.data,
+          previous,
+          offset: msg.offset,
+        });
+      }
+      case 'direct':
+        return this._emit('direct', { from: msg.from, seq: msg.seq, data: msg.data });
+      case 'join':
+        return this._emit('join', { ...this.view.apply(msg), offset: msg.offset });
+      case 'leave': {
+        const left = this.view.apply(msg) ?? { actor: msg.actor, player: '', meta: {} };
+        return this._emit('leave', { ...left, code: msg.code, offset: msg.offset });
+      }
+      case 'error':
+        return this._emit('error', { seq: msg.seq, code: msg.code, message: msg.message });
+      case 'dropped': {
+        this.droppedTotal += msg.count;
+        return this._emit('dropped', { count: msg.count, total: this.droppedTotal });
+      }
+      case 'pong': {
+        const waiting = this._pings.get(msg.clientTime);
+        if (!waiting) return;
+        this._pings.delete(msg.clientTime);
+        const rtt = performance.now() - msg.clientTime;
+        for (const p of waiting) p.resolve(rtt);
+      }
+    }
+  }
+
+  _onWelcome(/** @type {import('./codec.js').Welcome} */ welcome) {
+    const previousActor = this.view.actor;
+    const rejoined = this._welcomed;
+    this.view.reset(welcome);
+    this.limits = welcome.limits;
+    this.status = 'open';
+    this._attempt = 0;
+    this._welcomed = true;
+    this._emit('welcome', welcome);
+    if (rejoined) this._emit('resynced', { actor: welcome.actor, previousActor });
+    else this._resolveReady(this);
+  }
+
+  _onClose(/** @type {number} */ code, /** @type {string} */ reason) {
+    this._pending = [];
+    for (const waiting of this._pings.values()) {
+      for (const p of waiting)
+        p.reject(new RelayError(`connection closed (${code})`, code, reason));
+    }
+    this._pings.clear();
+    // The first connect reports its failure through connect(); later breaks are retried.
+    const willReconnect =
+      !this._closedByUser &&
+      this._welcomed &&
+      this.options.reconnect &&
+      codec.shouldReconnect(code);
+    if (!willReconnect) return this._finish(code, reason);
+    this.status = 'reconnecting';
+    this._emit('close', { code, reason, willReconnect });
+    const delayMs = this._backoff();
+    this._attempt += 1;
+    this._emit('reconnecting', { attempt: this._attempt, delayMs });
+    this._timer = setTimeout(() => this._open(), delayMs);
+  }
+
+  /** Exponential backoff with jitter, so a restarted server is not hit by everyone at once. */
+  _backoff() {
+    const { backoffMs, maxBackoffMs } = this.options;
+    const ceiling = Math.min(maxBackoffMs ?? 8000, (backoffMs ?? 250) * 2 ** this._attempt);
+    return Math.round(ceiling * (0.5 + Math.random() / 2));
+  }
+
+  _finish(/** @type {number} */ code, /** @type {string} */ reason) {
+    const wasClosed = this.status === 'closed';
+    this.status = 'closed';
+    if (!this._welcomed) {
+      const why = reason ? `: ${reason}` : '';
+      this._rejectReady(
+        new RelayError(`relay closed the connection with ${code}${why}`, code, reason),
+      );
+    }
+    if (!wasClosed) this._emit('close', { code, reason, willReconnect: false });
+  }
+
+  /** @param {string} type @param {any} payload */
+  _emit(type, payload) {
+    for (const fn of this._handlers.get(type) ?? []) {
+      try {
+        fn(payload);
+      } catch (err) {
+        // One failing callback must not stop the others or the messages after it;
+        // reportError shows it in the console like an uncaught error would.
+        if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
+        else console.error(err);
+      }
+    }
+  }
+}

@@ -1,0 +1,294 @@
+"""The asyncio client for relay (protocol v1).
+
+::
+
+    async with connect("ws://127.0.0.1:8000", "grid:lobby", player="ann") as room:
+        room.send_state("pos", [3, 4])
+        async for message in room:
+            print(message)
+
+Sends are batched: ``send_*`` queue a message and return its seq at once; all
+messages queued in one event-loop iteration go out as one frame. A background
+task reads frames, keeps :attr:`Client.members` and :attr:`Client.snapshot`
+current, and queues typed messages for iteration. When that queue is full
+(``max_queue``) it stops reading the socket, so the server sees a slow reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import msgpack
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from relay_client.messages import (
+    Direct,
+    Dropped,
+    Error,
+    Event,
+    Join,
+    Leave,
+    Member,
+    Message,
+    Pong,
+    State,
+    Welcome,
+    parse,
+)
+
+
+class RelayClosed(Exception):
+    """The connection ended; ``code`` and ``reason`` are the server's close frame."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"connection closed: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_END = object()
+
+
+class Client:
+    def __init__(self, ws: ClientConnection, welcome: Welcome, *, max_queue: int) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self.actor = welcome.actor
+        self.room = welcome.room
+        self.epoch = welcome.epoch
+        self.offset = welcome.offset
+        self.limits = welcome.limits
+        self.members: dict[int, Member] = {m.actor: m for m in welcome.members}
+        self.snapshot: dict[int, dict[Any, Any]] = {a: dict(v) for a, v in welcome.snapshot.items()}
+        self.dropped = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._seq = itertools.count(1)
+        self._outgoing: list[bytes] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(max_queue)
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._ping_ids = itertools.count(1)
+        self._reader = asyncio.create_task(self._read())
+
+    # --- sending ---------------------------------------------------------------------
+
+    def send_event(self, data: Any) -> int:
+        """Queue an EVENT (relayed to every other member in room order); returns its seq."""
+        seq = next(self._seq)
+        self._queue_out(_pack([1, seq, data]))
+        return seq
+
+    def send_state(self, key: str | int, data: Any) -> int:
+        """Queue a STATE: this player's value under ``key`` (``None`` deletes it)."""
+        seq = next(self._seq)
+        self._queue_out(_pack([2, seq, key, data]))
+        return seq
+
+    def send_direct(self, to_actor: int, data: Any) -> int:
+        """Queue a DIRECT to one member; returns its seq."""
+        seq = next(self._seq)
+        self._queue_out(_pack([3, seq, to_actor, data]))
+        return seq
+
+    def send_raw(self, frame: bytes) -> None:
+        """Send bytes as one frame as they are (for tests of the server's validation)."""
+        self._queue_out(frame)
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        """Round-trip time to the server, in seconds."""
+        ping_id = next(self._ping_ids)
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[ping_id] = future
+        sent = time.perf_counter()
+        self._queue_out(_pack([9, ping_id]))
+        try:
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+        return time.perf_counter() - sent
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been written to the socket."""
+        while self._flush_task is not None and not self._flush_task.done():
+            await asyncio.shield(self._flush_task)
+        if self._outgoing:
+            await self._write()
+
+    def _queue_out(self, message: bytes) -> None:
+        if self.close_code is not None:
+            raise RelayClosed(self.close_code, self.close_reason)
+        self._outgoing.append(message)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        await asyncio.sleep(0)  # let the caller queue the rest of this iteration's messages
+        while self._outgoing:
+            frame, self._outgoing = b"".join(self._outgoing), []
+            try:
+                await self.ws.send(frame)
+            except websockets.ConnectionClosed:
+                return  # the reader reports the close
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message; raises RelayClosed once the connection is over."""
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is _END:
+            self._queue.put_nowait(_END)  # every later call raises too
+            raise RelayClosed(self.close_code, self.close_reason)
+        return item  # type: ignore[no-any-return]
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.recv()
+            except RelayClosed:
+                return
+
+    async def _read(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        try:
+            async for frame in self.ws:
+                if isinstance(frame, str):
+                    continue
+                unpacker.feed(frame)
+                for raw in unpacker:
+                    message = parse(raw)
+                    if message is None:
+                        continue  # a type this client does not know: ignored, as the protocol says
+                    self._track(message)
+                    if isinstance(message, Pong) and message.client_time in self._pings:
+                        future = self._pings[message.client_time]
+                        if not future.done():
+                            future.set_result(0.0)
+                        continue
+                    await self._queue.put(message)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            rcvd = self.ws.protocol.close_rcvd
+            self.close_code = rcvd.code if rcvd is not None else 1006
+            self.close_reason = rcvd.reason if rcvd is not None else ""
+            for future in self._pings.values():
+                if not future.done():
+                    future.set_exception(RelayClosed(self.close_code, self.close_reason))
+            await self._queue.put(_END)
+
+    def _track(self, message: Message) -> None:
+        if isinstance(message, State):
+            if message.actor in self.members:
+                values = self.snapshot.setdefault(message.actor, {})
+                if message.data is None:
+                    values.pop(message.key, None)
+                else:
+                    values[message.key] = message.data
+        elif isinstance(message, Join):
+            self.members[message.actor] = Member(message.actor, message.player, message.meta)
+        elif isinstance(message, Leave):
+            self.members.pop(message.actor, None)
+            self.snapshot.pop(message.actor, None)
+        elif isinstance(message, Dropped):
+            self.dropped += message.count
+        if isinstance(message, (Event, State, Join, Leave)):
+            self.offset = max(self.offset, message.offset)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.flush()
+        await self.ws.close(code, reason)
+        await asyncio.wait([self._reader], timeout=5)
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    room: str,
+    *,
+    player: str | None = None,
+    name: str | None = None,
+    token: str | None = None,
+    echo: bool = False,
+    max_queue: int = 10000,
+    open_timeout: float = 10.0,
+    **params: str,
+) -> AsyncIterator[Client]:
+    """Join ``room`` on the relay at ``url`` (``ws://host:port``); yields once WELCOME is in.
+
+    Raises :class:`RelayClosed` when the server refuses the connection with a close code.
+    """
+    client = await open_client(
+        url, room, player=player, name=name, token=token, echo=echo,
+        max_queue=max_queue, open_timeout=open_timeout, **params,
+    )
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def open_client(
+    url: str,
+    room: str,
+    *,
+    player: str | None = None,
+    name: str | None = None,
+    token: str | None = None,
+    echo: bool = False,
+    max_queue: int = 10000,
+    open_timeout: float = 10.0,
+    **params: str,
+) -> Client:
+    """Like :func:`connect` without the context manager; close the client yourself."""
+    query: dict[str, str] = dict(params)
+    if player is not None:
+        query["player"] = player
+    if name is not None:
+        query["name"] = name
+    if token is not None:
+        query["token"] = token
+    if echo:
+        query["echo"] = "1"
+    address = f"{url.rstrip('/')}/ws/{quote(room, safe='')}"
+    if query:
+        address += "?" + urlencode(query)
+    ws = await websockets.connect(address, max_size=None, open_timeout=open_timeout)
+    try:
+        first = await asyncio.wait_for(ws.recv(), open_timeout)
+    except websockets.ConnectionClosed:
+        rcvd = ws.protocol.close_rcvd
+        raise RelayClosed(rcvd.code if rcvd else 1006, rcvd.reason if rcvd else "") from None
+    if isinstance(first, str):
+        await ws.close()
+        raise RelayClosed(None, "server sent a text frame; is this a relay?")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(first)
+    messages = [parse(raw) for raw in unpacker]
+    welcome = messages[0] if messages else None
+    if not isinstance(welcome, Welcome):
+        await ws.close()
+        raise RelayClosed(None, "the first message was not WELCOME")
+    client = Client(ws, welcome, max_queue=max_queue)
+    for message in messages[1:]:  # anything batched with WELCOME comes next, in order
+        if message is not None:
+            client._track(message)
+            client._queue.put_nowait(message)
+    return client
+
+
+__all__ = [
+    "Client", "RelayClosed", "connect", "open_client",
+    "Welcome", "Event", "State", "Direct", "Join", "Leave", "Error", "Dropped", "Pong", "Member",
+]
