@@ -58,6 +58,7 @@ class Relay:
             "connections_open": len(self.connections),
             "rooms_local": len(self.node.rooms),
             "outbox_bytes": sum(seat.outbox.size for seat in seats),
+            "outbox_bytes_max": max((seat.outbox.size for seat in seats), default=0),
         }
 
     async def shutdown(self) -> None:

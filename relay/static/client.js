@@ -1688,7 +1688,9 @@ async function connect(options) {
 }
 function socketUrl(o) {
   if (!ROOM_ID.test(o.room ?? "")) {
-    throw new TypeError(`room must be 1-64 characters from A-Z a-z 0-9 _ . : -, not ${JSON.stringify(o.room)}`);
+    throw new TypeError(
+      `room must be 1-64 characters from A-Z a-z 0-9 _ . : -, not ${JSON.stringify(o.room)}`
+    );
   }
   const url = new URL(o.url ?? globalThis.location.origin);
   url.protocol = url.protocol.replace(/^http/, "ws");
@@ -1772,18 +1774,26 @@ var RelayClient = class {
   sendState(key, data) {
     const seq = this._nextSeq();
     this._queue(state(seq, key, data));
-    if (!this.options.echo && this.view.actor !== null) this.view.setState(this.view.actor, key, data);
+    if (!this.options.echo && this.view.actor !== null)
+      this.view.setState(this.view.actor, key, data);
     return seq;
   }
-  /** Send a move to one member only. @param {number} toActor @param {any} data @returns {number} its seq */
+  /**
+   * Send a move to one member only.
+   * @param {number} toActor @param {any} data @returns {number} its seq
+   */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
     this._queue(direct(seq, toActor, data));
     return seq;
   }
-  /** Round-trip time to the server, in ms. Rejects if the connection closes first. @returns {Promise<number>} */
+  /**
+   * Round-trip time to the server, in ms. Rejects if the connection closes first.
+   * @returns {Promise<number>}
+   */
   ping() {
-    if (this.status !== "open") return Promise.reject(new RelayError(`not connected (status: ${this.status})`));
+    if (this.status !== "open")
+      return Promise.reject(new RelayError(`not connected (status: ${this.status})`));
     const sentAt = performance.now();
     return new Promise((resolve, reject) => {
       const waiting = this._pings.get(sentAt);
@@ -1842,7 +1852,11 @@ var RelayClient = class {
         data
       );
     } catch (err) {
-      this._emit("error", { seq: null, code: "undecodable", message: `frame is not valid msgpack: ${err}` });
+      this._emit("error", {
+        seq: null,
+        code: "undecodable",
+        message: `frame is not valid msgpack: ${err}`
+      });
       return;
     }
     for (const msg of messages) this._onMessage(msg);
@@ -1853,11 +1867,22 @@ var RelayClient = class {
         return this._onWelcome(msg);
       case "event": {
         this.view.apply(msg);
-        return this._emit("event", { from: msg.from, seq: msg.seq, data: msg.data, offset: msg.offset });
+        return this._emit("event", {
+          from: msg.from,
+          seq: msg.seq,
+          data: msg.data,
+          offset: msg.offset
+        });
       }
       case "state": {
         const previous = this.view.apply(msg);
-        return this._emit("state", { from: msg.from, key: msg.key, data: msg.data, previous, offset: msg.offset });
+        return this._emit("state", {
+          from: msg.from,
+          key: msg.key,
+          data: msg.data,
+          previous,
+          offset: msg.offset
+        });
       }
       case "direct":
         return this._emit("direct", { from: msg.from, seq: msg.seq, data: msg.data });
@@ -1897,7 +1922,8 @@ var RelayClient = class {
   _onClose(code, reason) {
     this._pending = [];
     for (const waiting of this._pings.values()) {
-      for (const p of waiting) p.reject(new RelayError(`connection closed (${code})`, code, reason));
+      for (const p of waiting)
+        p.reject(new RelayError(`connection closed (${code})`, code, reason));
     }
     this._pings.clear();
     const willReconnect = !this._closedByUser && this._welcomed && this.options.reconnect && shouldReconnect(code);
@@ -1920,7 +1946,9 @@ var RelayClient = class {
     this.status = "closed";
     if (!this._welcomed) {
       const why = reason ? `: ${reason}` : "";
-      this._rejectReady(new RelayError(`relay closed the connection with ${code}${why}`, code, reason));
+      this._rejectReady(
+        new RelayError(`relay closed the connection with ${code}${why}`, code, reason)
+      );
     }
     if (!wasClosed) this._emit("close", { code, reason, willReconnect: false });
   }

@@ -59,8 +59,9 @@ client.on('resynced', ({ actor, previousActor }) => {
 client.on('state', ({ from, key, data }) => {
   if (key !== 'pos') return;
   // Two players who joined at the same instant can pick the same cell: the newer one moves.
-  if (mine && data && from < client.actor && data[0] === mine[0] && data[1] === mine[1])
+  if (mine && isCell(data) && from < client.actor && data[0] === mine[0] && data[1] === mine[1]) {
     place(freeCell());
+  }
   render();
 });
 client.on('event', ({ from, data }) => {
@@ -92,12 +93,26 @@ client.ready.catch(() => {}); // the 'close' callback has shown why
 
 // --- moves ------------------------------------------------------------------------
 
+/** A position another player sent is drawn only if it is a cell of this board. */
+function isCell(/** @type {any} */ pos) {
+  return (
+    Array.isArray(pos) &&
+    Number.isInteger(pos[0]) &&
+    Number.isInteger(pos[1]) &&
+    pos[0] >= 0 &&
+    pos[1] >= 0 &&
+    pos[0] < COLS &&
+    pos[1] < ROWS
+  );
+}
+
 /** Everyone's cells but ours, as the room holds them. */
 function others() {
   const cells = new Map();
   for (const [actor, values] of client.snapshot) {
-    if (actor !== client.actor && Array.isArray(values.pos))
+    if (actor !== client.actor && isCell(values.pos)) {
       cells.set(`${values.pos[0]},${values.pos[1]}`, actor);
+    }
   }
   return cells;
 }
@@ -108,8 +123,9 @@ const occupied = (/** @type {number} */ x, /** @type {number} */ y) => others().
 function freeCell() {
   const taken = others();
   const free = [];
-  for (let y = 0; y < ROWS; y++)
+  for (let y = 0; y < ROWS; y++) {
     for (let x = 0; x < COLS; x++) if (!taken.has(`${x},${y}`)) free.push([x, y]);
+  }
   return free[Math.floor(Math.random() * free.length)];
 }
 
@@ -184,7 +200,7 @@ function render() {
   const seen = new Set();
   for (const [actor, values] of client.snapshot) {
     const pos = values.pos;
-    if (!Array.isArray(pos)) continue;
+    if (!isCell(pos)) continue;
     seen.add(String(actor));
     let el = /** @type {HTMLElement|null} */ (
       arena.querySelector(`.marker[data-actor="${actor}"]`)
