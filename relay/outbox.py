@@ -68,7 +68,7 @@ class Outbox:
     def take(self) -> bytes | None:
         """Everything pending (up to ``max_frame_bytes``) as one frame, or None."""
         items = self._items
-        if not items:
+        if not items and not self._dropped_unreported:
             return None
         first = items[0]
         if (
@@ -84,7 +84,9 @@ class Outbox:
         parts: list[bytes] = []
         budget = self.max_frame_bytes
         if self._dropped_unreported:
-            parts.append(protocol.dropped(self._dropped_unreported))
+            notice = protocol.dropped(self._dropped_unreported)
+            parts.append(notice)
+            budget -= len(notice)
             self._dropped_unreported = 0
         taken = 0
         while items:
@@ -125,7 +127,7 @@ class Outbox:
     def _relieve(self, now: float) -> None:
         # Coalescing walks the whole buffer, so do it again only after the buffer
         # has grown by a step: amortised cost stays constant per message.
-        if self.size > self._coalesce_above:
+        if self.size > self._coalesce_above or self.size > self.hard_bytes:
             self._explode_all()
             self._coalesce()
             self._coalesce_above = self.size + max((self.hard_bytes - self.soft_bytes) // 4, 1)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 # One time unit scales every timeout in the tests (slow CI machines: raise it).
 SCALE = float(os.environ.get("RELAY_TEST_TIMEOUT_SCALE", "1"))
@@ -30,6 +34,8 @@ class RelayProcess:
     port: int
     settings: dict[str, object] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    log: Any = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -44,11 +50,15 @@ class RelayProcess:
         for name, value in {"log_level": "warning", **self.settings}.items():
             args += ["--" + name.replace("_", "-"), str(value)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env.update(self.env)
+        # A file, not a pipe: a pipe nobody reads would block a chatty server.
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout(15)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                self.log.seek(0)
+                out = self.log.read().decode(errors="replace")
                 raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{out}")
             try:
                 with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
@@ -69,15 +79,17 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        if self.log is not None:
+            self.log.close()
         return self.proc.returncode
 
-    def get_json(self, path: str) -> object:
-        import json
-
-        with urllib.request.urlopen(self.http + path, timeout=5) as r:
-            return json.loads(r.read())
+    def get_json(self, path: str) -> Any:
+        try:
+            with urllib.request.urlopen(self.http + path, timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response open
+            raise
 
     def get_text(self, path: str) -> str:
         with urllib.request.urlopen(self.http + path, timeout=5) as r:

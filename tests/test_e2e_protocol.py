@@ -139,18 +139,18 @@ async def test_ping_pong(relay, room):
 )
 async def test_bad_messages_get_error_and_are_not_relayed(relay, room, frame, ref_seq, code):
     async with connect(relay.url, room, player="bad") as bad, connect(relay.url, room, player="good") as good:
-        bad.send_raw(frame)
+        await bad.send_raw(frame)
         error = await next_of(bad, Error)
         assert (error.ref_seq, error.code) == (ref_seq, code)
         assert error.message
-        bad.send_raw(msgpack.packb([1, 10**6, "valid after"]))
+        await bad.send_raw(msgpack.packb([1, 10**6, "valid after"]))
         event = await next_of(good, Event)
         assert event.data == "valid after"
 
 
 async def test_bad_seq_and_trailing_elements(relay, room):
     async with connect(relay.url, room, player="a") as a, connect(relay.url, room, player="b") as b:
-        a.send_raw(msgpack.packb([1, 5, "five", "future field"]) + msgpack.packb([1, 5, "again"]) + msgpack.packb([1, 4, "back"]))
+        await a.send_raw(msgpack.packb([1, 5, "five", "future field"]) + msgpack.packb([1, 5, "again"]) + msgpack.packb([1, 4, "back"]))
         errors = await collect(a, lambda m: sum(isinstance(x, Error) for x in m) == 2)
         assert [(e.ref_seq, e.code) for e in errors if isinstance(e, Error)] == [(5, "bad_seq"), (4, "bad_seq")]
         event = await next_of(b, Event)
@@ -168,7 +168,7 @@ async def test_text_frame_closes_1003(relay, room):
 async def test_oversized_frame_closes_1009(relay, room):
     async with connect(relay.url, room, player="watch") as watch:
         big = await open_client(relay.url, room, player="big")
-        big.send_raw(b"\x00" * 20000)
+        await big.send_raw(b"\x00" * 20000)
         assert (await closed(big)).code == 1009
         leave = await next_of(watch, Leave)
         assert (leave.actor, leave.code) == (big.actor, 1009)
@@ -178,7 +178,7 @@ async def test_too_many_errors_closes_1008(relay_with, room):
     server = relay_with(max_errors=3)
     client = await open_client(server.url, room)
     for _ in range(5):
-        client.send_raw(msgpack.packb([77]))
+        await client.send_raw(msgpack.packb([77]))
     exc = await closed(client)
     assert exc.code == 1008
 

@@ -99,9 +99,10 @@ class Client:
         self._queue_out(_pack([3, seq, to_actor, data]))
         return seq
 
-    def send_raw(self, frame: bytes) -> None:
-        """Send bytes as one frame as they are (for tests of the server's validation)."""
-        self._queue_out(frame)
+    async def send_raw(self, frame: bytes) -> None:
+        """Send bytes as a frame of their own, as they are (to test a server's validation)."""
+        await self.flush()
+        await self.ws.send(frame)
 
     async def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time to the server, in seconds."""

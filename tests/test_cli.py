@@ -1,0 +1,56 @@
+"""The `relay` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from relay import config
+from relay_client import connect
+from tests.relayproc import RelayProcess, free_port
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_serve_help_lists_every_setting_with_its_default():
+    out = run("serve", "--help").stdout
+    for f in config.fields():
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out
+        assert f"RELAY_{f.name.upper()}" in out.replace("\n", " ").replace("  ", "")
+    assert "[default: 16384" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--redis", "redis://127.0.0.1:1/0"], "Redis backplane"),
+        (["--secret", "s3cret"], "token"),
+        (["--workers", "2"], "needs --redis"),
+        (["--max-frame-bytes", "lots"], "not a valid int"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_honour(args, words):
+    result = run("serve", "--port", str(free_port()), *args)
+    assert result.returncode != 0
+    assert words in result.stderr
+
+
+def test_settings_table_is_markdown():
+    out = run("settings").stdout
+    assert out.startswith("| setting |")
+    assert "`--outbox-hard-bytes`" in out
+
+
+@pytest.mark.asyncio
+async def test_settings_come_from_environment(room):
+    server = RelayProcess(free_port(), env={"RELAY_MAX_PLAYERS_PER_ROOM": "7"}).start()
+    try:
+        async with connect(server.url, room) as client:
+            assert client.limits["max_players_per_room"] == 7
+    finally:
+        server.stop()
