@@ -21,7 +21,7 @@ const SCREENSHOT = process.env.SCREENSHOT;
 const TIMEOUT_MS = Number(process.env.E2E_TIMEOUT_MS || 15000); // one bound for every wait
 const COLS = 20;
 const ROWS = 15;
-const ROOM = `grid:e2e-${Date.now().toString(36)}`;
+const ROOM = process.env.E2E_ROOM || `grid:e2e-${Date.now().toString(36)}`; // fresh room per run
 
 const CHROMIUM_ARGS = [
   '--headless',
@@ -42,7 +42,7 @@ if (!BASE) {
 const stdin = createInterface({ input: process.stdin });
 const stdinLines = stdin[Symbol.asyncIterator]();
 
-/** Ask the test that owns the relay to stop it ('term' or 'kill') and start it again on the same port. */
+/** Ask the test that owns the relay to stop it ('term' or 'kill') and start it again, same port. */
 async function restartServer(how) {
   console.log(`@@restart-server ${how}`);
   const { value, done } = await stdinLines.next();
@@ -99,7 +99,12 @@ async function markers(/** @type {import('playwright-core').Page} */ page) {
         const x = Math.floor((r.left + r.width / 2 - box.left - arena.clientLeft) / cellW);
         const y = Math.floor((r.top + r.height / 2 - box.top - arena.clientTop) / cellH);
         if (r.width === 0 || x !== Number(el.dataset.x) || y !== Number(el.dataset.y)) return null;
-        out[el.dataset.actor] = { x, y, name: el.dataset.name, self: el.hasAttribute('data-self') };
+        out[el.dataset.actor] = {
+          x,
+          y,
+          name: el.dataset.name,
+          self: el.hasAttribute('data-self'),
+        };
       }
       return out;
     },
@@ -168,7 +173,9 @@ const browser = await chromium.launch({
 const problems = [];
 
 async function open(name) {
-  const context = await browser.newContext({ viewport: { width: 984, height: 600 } });
+  const context = await browser.newContext({
+    viewport: { width: 984, height: 600 },
+  });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT_MS);
   page.on('pageerror', (err) => problems.push(`${name}: uncaught ${err.message}`));

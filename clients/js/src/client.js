@@ -16,7 +16,7 @@ const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
 /**
  * @typedef {object} ConnectOptions
  * @property {string} room  1-64 characters from A-Z a-z 0-9 _ . : -
- * @property {string} [url]  the relay's base URL (http(s):// or ws(s)://); default: this page's origin
+ * @property {string} [url]  the relay's base URL, http(s) or ws(s); default: the page's origin
  * @property {string} [player]  player id (servers without a token secret only)
  * @property {string} [name]  display name, carried in the member's meta
  * @property {string} [token]  signed token naming the player
@@ -30,17 +30,19 @@ const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
 /**
  * What each callback receives.
  * @typedef {object} ClientEvents
- * @property {import('./codec.js').Welcome} welcome  every WELCOME, the first and each after a reconnect
+ * @property {import('./codec.js').Welcome} welcome  every WELCOME, also after a reconnect
  * @property {{from: number, seq: number, data: any, offset: number}} event
  * @property {{from: number, key: string|number, data: any, previous: any, offset: number}} state
  * @property {{from: number, seq: number, data: any}} direct
  * @property {import('./codec.js').Member & {offset: number}} join
  * @property {import('./codec.js').Member & {code: number, offset: number}} leave
- * @property {{seq: number|null, code: string, message: string}} error  an ERROR from the server, or code 'undecodable' for a frame this client could not read
+ * @property {{seq: number|null, code: string, message: string}} error  an ERROR from the
+ *   server, or code 'undecodable' for a frame this client could not read
  * @property {{count: number, total: number}} dropped
  * @property {{code: number, reason: string, willReconnect: boolean}} close
  * @property {{attempt: number, delayMs: number}} reconnecting
- * @property {{actor: number, previousActor: number|null}} resynced  rejoined after a break, with a fresh snapshot
+ * @property {{actor: number, previousActor: number|null}} resynced  rejoined after a break,
+ *   with a fresh snapshot
  */
 
 /** Raised by connect() when the server closes before WELCOME, and by send calls while not open. */
@@ -175,14 +177,20 @@ export class RelayClient {
     return seq;
   }
 
-  /** Send a move to one member only. @param {number} toActor @param {any} data @returns {number} its seq */
+  /**
+   * Send a move to one member only.
+   * @param {number} toActor @param {any} data @returns {number} its seq
+   */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
     this._queue(codec.direct(seq, toActor, data));
     return seq;
   }
 
-  /** Round-trip time to the server, in ms. Rejects if the connection closes first. @returns {Promise<number>} */
+  /**
+   * Round-trip time to the server, in ms. Rejects if the connection closes first.
+   * @returns {Promise<number>}
+   */
   ping() {
     if (this.status !== 'open')
       return Promise.reject(new RelayError(`not connected (status: ${this.status})`));
@@ -245,7 +253,8 @@ export class RelayClient {
   }
 
   _onFrame(/** @type {unknown} */ data) {
-    if (!(data instanceof ArrayBuffer || ArrayBuffer.isView(data))) return; // the server sends binary only
+    // The relay sends binary frames only.
+    if (!(data instanceof ArrayBuffer || ArrayBuffer.isView(data))) return;
     let messages;
     try {
       messages = codec.decodeFrame(/** @type {ArrayBuffer} */ (data));

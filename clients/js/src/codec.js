@@ -133,12 +133,14 @@ const decoder = new Decoder({ keyDecoder });
  * @typedef {{type: 'event', from: number, seq: number, data: any, offset: number}} EventMsg
  * @typedef {{type: 'state', from: number, key: string|number, data: any, offset: number}} StateMsg
  * @typedef {{type: 'direct', from: number, seq: number, data: any}} DirectMsg
- * @typedef {{type: 'join', actor: number, player: string, meta: Record<string, any>, offset: number}} JoinMsg
+ * @typedef {{type: 'join', actor: number, player: string, meta: Record<string, any>,
+ *   offset: number}} JoinMsg
  * @typedef {{type: 'leave', actor: number, code: number, offset: number}} LeaveMsg
  * @typedef {{type: 'error', seq: number|null, code: string, message: string}} ErrorMsg
  * @typedef {{type: 'dropped', count: number}} DroppedMsg
  * @typedef {{type: 'pong', clientTime: any, serverTime: number}} PongMsg
- * @typedef {Welcome|EventMsg|StateMsg|DirectMsg|JoinMsg|LeaveMsg|ErrorMsg|DroppedMsg|PongMsg} ServerMessage
+ * @typedef {Welcome|EventMsg|StateMsg|DirectMsg|JoinMsg|LeaveMsg|ErrorMsg|DroppedMsg|PongMsg}
+ *   ServerMessage
  */
 
 /** A plain object without a prototype, so no key can reach Object.prototype. */
