@@ -22,13 +22,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default != "" else "none"
         help_text = f"{f.metadata['doc']} [default: {default}; env RELAY_{f.name.upper()}]"
+        if f.name == "rules":
+            help_text += "; repeatable, added to the defaults (--rules none drops them)"
+            serve.add_argument(flag, dest=f.name, action="append", metavar="TYPE=MODULE:CLASS", help=help_text)
+            continue
         serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
     commands.add_parser("settings", help="print the settings table (markdown)")
+    token = commands.add_parser("token", help="print a signed player token (JWT HS256)")
+    token.add_argument("--secret", required=True, help="the relay's --secret")
+    token.add_argument("--player", required=True, help="the player id the token names")
+    token.add_argument("--room", action="append", help="room pattern it may join (glob; repeatable; default *)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires [default: 3600]")
+    token.add_argument("--name", help="display name carried in the player's meta")
     args = parser.parse_args(argv)
 
     if args.command == "settings":
         print(config.table_markdown())
         return
+    if args.command == "token":
+        from relay import auth
+
+        print(auth.issue(args.secret, args.player, rooms=args.room, ttl_s=args.ttl, name=args.name))
+        return
+    if args.rules:
+        args.rules = ",".join([Settings.from_env().rules, *args.rules])
     overrides = {}
     for f in config.fields():
         raw = getattr(args, f.name)
@@ -57,8 +74,13 @@ def check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings this version cannot honour, rather than ignore them."""
     if settings.redis:
         parser.error("--redis: the Redis backplane is not available in this version yet")
-    if settings.secret:
-        parser.error("--secret: token authentication is not available in this version yet")
+    from relay.rules.base import load, parse_rules_setting
+
+    try:
+        for spec in parse_rules_setting(settings.rules).values():
+            load(spec)
+    except ValueError as exc:
+        parser.error(str(exc))
     if settings.workers > 1 and not settings.redis:
         parser.error("--workers > 1 needs --redis: in memory, processes cannot share rooms")
     if settings.outbox_soft_bytes > settings.outbox_hard_bytes:

@@ -26,15 +26,26 @@ class Settings:
     workers: int = _setting(1, "worker processes on one port (more than 1 needs --redis)")
     redis: str = _setting("", "Redis URL for the multi-process backplane (reserved: not yet)")
     redis_prefix: str = _setting("relay", "namespace for every Redis key and channel")
-    secret: str = _setting("", "token secret; when set, players need signed tokens (reserved)")
+    secret: str = _setting("", "token secret: when set, players need a signed token (JWT HS256)")
+    allowed_origins: str = _setting("*", "comma-separated browser origins allowed to connect, or *")
+    rules: str = _setting(
+        "grid=relay.rules.grid:GridRules,turns=relay.rules.turns:TurnRules",
+        "game rules per room type, TYPE=module:Class, comma-separated (or none)",
+    )
     max_frame_bytes: int = _setting(16384, "largest frame a client may send; bigger: close 1009")
     max_message_bytes: int = _setting(8192, "largest data of one move; bigger: ERROR too_large")
+    max_depth: int = _setting(32, "deepest nesting of arrays and maps in a move's data")
     max_msgs_per_s: float = _setting(120.0, "messages per second per connection, sustained")
     burst: int = _setting(240, "messages a connection may send at once above the sustained rate")
+    max_bytes_per_s: int = _setting(262144, "bytes per second per connection, sustained")
+    burst_bytes: int = _setting(524288, "bytes a connection may send at once above that rate")
     max_errors: int = _setting(20, "rejected messages tolerated per errors_window_s; then 1008")
     errors_window_s: float = _setting(10.0, "window for max_errors")
     max_rate_errors: int = _setting(100, "rate_limited answers per errors_window_s; then 4029")
     max_players_per_room: int = _setting(256, "members in one room; the next joiner gets 4009")
+    max_connections: int = _setting(20000, "open WebSockets per process; the next gets 1013")
+    max_connections_per_ip: int = _setting(4096, "open WebSockets per client IP; the next gets 1013")
+    max_rooms: int = _setting(10000, "rooms with players on this process; a new one gets 1013")
     outbox_soft_bytes: int = _setting(65536, "queued bytes past which STATE is coalesced")
     outbox_hard_bytes: int = _setting(262144, "queued bytes past which oldest EVENTs are dropped")
     slow_client_timeout_s: float = _setting(5.0, "time past the hard limit before close 4008")
@@ -44,6 +55,20 @@ class Settings:
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
     log_level: str = _setting("info", "log level: debug, info, warning, error")
+
+    def __post_init__(self) -> None:
+        for f in fields():
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{f.name} must be a finite number >= 0, not {value!r}")
+        for name in ("port", "workers", "max_frame_bytes", "max_message_bytes", "max_msgs_per_s",
+                     "burst", "max_bytes_per_s", "max_players_per_room", "max_connections",
+                     "max_connections_per_ip", "max_rooms", "outbox_soft_bytes",
+                     "outbox_hard_bytes", "max_out_frame_bytes", "max_depth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        if self.burst_bytes < self.max_frame_bytes:
+            raise ValueError("burst_bytes must be at least max_frame_bytes, or big frames never pass")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -67,6 +92,8 @@ class Settings:
             "max_message_bytes": self.max_message_bytes,
             "max_msgs_per_s": self.max_msgs_per_s,
             "burst": self.burst,
+            "max_bytes_per_s": self.max_bytes_per_s,
+            "max_depth": self.max_depth,
             "max_players_per_room": self.max_players_per_room,
             "outbox_hard_bytes": self.outbox_hard_bytes,
         }

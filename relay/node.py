@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from relay import protocol
 from relay.backplane.base import Backplane, Joined
 from relay.config import Settings
@@ -24,6 +26,7 @@ from relay.metrics import Stats
 from relay.outbox import Batch, Outbox
 from relay.protocol import CloseCode, MsgType
 from relay.room import Entry, Member, RoomState
+from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
 
 
 @dataclass(eq=False, slots=True)
@@ -50,6 +53,8 @@ class LocalRoom:
     seats: dict[int, Seat] = field(default_factory=dict)
     joining: list[Seat] = field(default_factory=list)
     pending: list[Entry] = field(default_factory=list)
+    rules: Rules | None = None  # the game rules of the room's type, if any
+    view: RoomView | None = None
 
 
 class Node:
@@ -63,6 +68,9 @@ class Node:
         self._to_flush: set[Seat] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.rules = {
+            room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
+        }
 
     async def start(self) -> None:
         await self.backplane.start(self)
@@ -104,6 +112,7 @@ class Node:
         seat.after_offset = joined.offset
         if room.state is None or room.state.epoch != joined.epoch:
             room.state = _mirror(room.name, joined)
+            self._start_rules(room)
         early, seat.early = seat.early or [], None
         room.seats[seat.actor] = seat
         now = time.monotonic()
@@ -186,6 +195,8 @@ class Node:
             entries = [e for e in entries if e.offset > state.offset]
             for entry in entries:
                 state.apply(entry)
+                if room.rules is not None:
+                    self._tell_rules(room, entry)
             if not entries:
                 return
         for seat in room.joining:
@@ -220,6 +231,49 @@ class Node:
             entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
             self._push(seat, Batch(wire, [entry]), time.monotonic())
             self.stats.messages_out[MsgType.DIRECT] += 1
+
+    # --- game rules ------------------------------------------------------------------
+
+    def check(
+        self, seat: Seat, kind: str, data: bytes, key: str | int | None = None, to_actor: int | None = None
+    ) -> bytes | Reject:
+        """Run the room's rules on a move: the data to relay (maybe replaced), or a Reject."""
+        room = seat.room
+        if room.rules is None or room.view is None:
+            return data
+        move = Move(kind, _decode(data), key, to_actor)  # type: ignore[arg-type]
+        verdict = room.rules.validate(room.view, seat.actor, move)
+        if verdict is ACCEPT:
+            return data
+        if isinstance(verdict, Reject):
+            return verdict
+        return protocol.pack(verdict.data)  # type: ignore[union-attr]
+
+    def _start_rules(self, room: LocalRoom) -> None:
+        cls = self.rules.get(room.name.partition(":")[0]) if ":" in room.name else None
+        if cls is None or room.state is None:
+            room.rules = room.view = None
+            return
+        room.rules, room.view = cls(room.name), RoomView(room.state)
+        for actor in room.state.members:
+            room.rules.on_join(room.view, actor)
+        for actor, values in room.state.snapshot.items():
+            for key, raw in values.items():
+                room.rules.observe(room.view, actor, Move("state", _decode(raw), key))
+
+    def _tell_rules(self, room: LocalRoom, entry: Entry) -> None:
+        rules, view, kind = room.rules, room.view, entry.kind
+        assert rules is not None and view is not None
+        if kind is MsgType.JOIN:
+            rules.on_join(view, entry.actor)
+        elif kind is MsgType.LEAVE:
+            rules.on_leave(view, entry.actor)
+        elif entry.actor not in room.seats:  # a local player's moves reached validate()
+            data = _decode(entry.value) if entry.value is not None else None
+            if kind is MsgType.STATE:
+                rules.observe(view, entry.actor, Move("state", data, entry.key))
+            elif kind is MsgType.EVENT:
+                rules.observe(view, entry.actor, Move("event", data))
 
     def reply(self, seat: Seat, wire: bytes) -> None:
         """Queue a control message (ERROR, PONG) for one seat."""
@@ -281,6 +335,10 @@ class Node:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _decode(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
 def _mirror(name: str, joined: Joined) -> RoomState:

@@ -70,9 +70,10 @@ class Outbox:
         items = self._items
         if not items and not self._dropped_unreported:
             return None
-        first = items[0]
+        first = items[0] if items else None
         if (
-            len(items) == 1
+            first is not None
+            and len(items) == 1
             and not self._dropped_unreported
             and len(first.wire) <= self.max_frame_bytes
         ):
@@ -92,8 +93,8 @@ class Outbox:
         while items:
             item = items[0]
             if len(item.wire) > budget:
-                if taken:
-                    break  # the rest goes in the next frame
+                if taken or (parts and len(item.wire) <= self.max_frame_bytes):
+                    break  # the rest goes in the next frame (after a DROPPED notice alone)
                 if item.entries is not None and len(item.entries) > 1:
                     self._explode_first()
                     continue

@@ -118,7 +118,11 @@ def _is_int(value: Any) -> bool:
     return type(value) is int  # bool is an int subclass but not a valid seq or actor
 
 
-def decode_frame(frame: bytes, *, max_message_bytes: int) -> list[ClientMessage]:
+class _TooDeep(Exception):
+    pass
+
+
+def decode_frame(frame: bytes, *, max_message_bytes: int, max_depth: int = 32) -> list[ClientMessage]:
     """Split one binary frame into client messages.
 
     Never raises: anything wrong becomes an :class:`Invalid`. A message whose
@@ -137,7 +141,7 @@ def decode_frame(frame: bytes, *, max_message_bytes: int) -> list[ClientMessage]
     end = len(frame)
     try:
         while unpacker.tell() < end:
-            out.append(_decode_message(unpacker, frame, max_message_bytes))
+            out.append(_decode_message(unpacker, frame, max_message_bytes, max_depth))
     except (msgpack.OutOfData, msgpack.StackError, msgpack.FormatError, ValueError, TypeError) as exc:
         out.append(Invalid(None, ErrorCode.MALFORMED, f"frame is not valid msgpack: {_why(exc)}"))
     return out
@@ -153,7 +157,9 @@ def _why(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _decode_message(up: msgpack.Unpacker, frame: bytes, max_message_bytes: int) -> ClientMessage:
+def _decode_message(
+    up: msgpack.Unpacker, frame: bytes, max_message_bytes: int, max_depth: int
+) -> ClientMessage:
     try:
         n = up.read_array_header()
     except ValueError:
@@ -170,7 +176,10 @@ def _decode_message(up: msgpack.Unpacker, frame: bytes, max_message_bytes: int) 
         if n < 2:
             result = Invalid(None, ErrorCode.MALFORMED, "PING is [9, client_time]")
         else:
-            result = Ping(_raw_next(up, frame))
+            try:
+                result = Ping(_raw_next(up, frame, max_depth))
+            except _TooDeep:
+                result = Invalid(None, ErrorCode.MALFORMED, f"nested deeper than {max_depth}")
             read = 2
     elif kind in (MsgType.EVENT, MsgType.STATE, MsgType.DIRECT):
         seq = up.unpack() if n >= 2 else None
@@ -178,7 +187,11 @@ def _decode_message(up: msgpack.Unpacker, frame: bytes, max_message_bytes: int) 
         if not _is_int(seq):
             result = Invalid(None, ErrorCode.MALFORMED, "seq (element 1) must be an integer")
         else:
-            result, read = _decode_move(kind, seq, n, up, frame, max_message_bytes)
+            try:
+                result, read = _decode_move(kind, seq, n, up, frame, max_message_bytes, max_depth)
+            except _TooDeep as exc:
+                why = f"data nested deeper than max_depth ({max_depth})"
+                result, read = Invalid(seq, ErrorCode.MALFORMED, why), exc.args[0]
     else:
         result = Invalid(None, ErrorCode.BAD_TYPE, f"unknown message type {kind!r}")
     # Trailing elements we do not know are ignored, as the protocol says. Each
@@ -190,21 +203,48 @@ def _decode_message(up: msgpack.Unpacker, frame: bytes, max_message_bytes: int) 
     return result
 
 
-def _raw_next(up: msgpack.Unpacker, frame: bytes) -> bytes:
-    """The next value's raw bytes. Unpacked, not skipped: skip() would let extension
-    types through (ext_hook refuses them), and receivers' decoders would choke."""
+def _raw_next(up: msgpack.Unpacker, frame: bytes, max_depth: int, fields_read: int = 0) -> bytes:
+    """The next value's raw bytes.
+
+    Unpacked, not skipped: skip() would let extension types through (ext_hook
+    refuses them). The objects live only until this returns, and decoding is
+    synchronous, so the memory a frame can make the server allocate is a
+    bounded, short-lived multiple of ``max_frame_bytes`` for the whole process.
+    """
     begin = up.tell()
-    up.unpack()
+    value = up.unpack()
+    if (type(value) is list or type(value) is dict) and _deeper_than(value, max_depth):
+        raise _TooDeep(fields_read)
     return frame[begin : up.tell()]
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and maps nest more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item if type(item) is list else item.values()
+        for child in children:
+            if type(child) is list or type(child) is dict:
+                stack.append((child, depth + 1))
+    return False
+
+
 def _decode_move(
-    kind: int, seq: int, n: int, up: msgpack.Unpacker, frame: bytes, max_message_bytes: int
+    kind: int,
+    seq: int,
+    n: int,
+    up: msgpack.Unpacker,
+    frame: bytes,
+    max_message_bytes: int,
+    max_depth: int,
 ) -> tuple[ClientMessage, int]:
     if kind == MsgType.EVENT:
         if n < 3:
             return Invalid(seq, ErrorCode.MALFORMED, "EVENT is [1, seq, data]"), 2
-        data = _raw_next(up, frame)
+        data = _raw_next(up, frame, max_depth, 3)
         if len(data) > max_message_bytes:
             return Invalid(seq, ErrorCode.TOO_LARGE, _too_large(len(data), max_message_bytes)), 3
         return Event(seq, data), 3
@@ -212,7 +252,7 @@ def _decode_move(
         if n < 4:
             return Invalid(seq, ErrorCode.MALFORMED, "STATE is [2, seq, key, data]"), 2
         key = up.unpack()
-        data = _raw_next(up, frame)
+        data = _raw_next(up, frame, max_depth, 4)
         problem = _key_problem(key)
         if problem:
             return Invalid(seq, ErrorCode.MALFORMED, problem), 4
@@ -222,7 +262,7 @@ def _decode_move(
     if n < 4:
         return Invalid(seq, ErrorCode.MALFORMED, "DIRECT is [3, seq, to_actor, data]"), 2
     to_actor = up.unpack()
-    data = _raw_next(up, frame)
+    data = _raw_next(up, frame, max_depth, 4)
     if not _is_int(to_actor):
         return Invalid(seq, ErrorCode.MALFORMED, "DIRECT to_actor must be an integer"), 4
     if len(data) > max_message_bytes:

@@ -38,7 +38,7 @@ class Entry:
     actor: int
     head: bytes  # the encoded message without its trailing offset
     key: str | int | None = None  # STATE: the key
-    value: bytes | None = None  # STATE: raw msgpack data (NIL deletes)
+    value: bytes | None = None  # EVENT and STATE: raw msgpack data (a STATE's NIL deletes)
     member: Member | None = None  # JOIN: who joined
     offset: int = 0
     wire: bytes = b""  # head + offset, the bytes every recipient gets
@@ -113,7 +113,7 @@ class RoomState:
 
 
 def event_entry(actor: int, seq: int, data: bytes) -> Entry:
-    return Entry(MsgType.EVENT, actor, protocol.event_head(actor, seq, data))
+    return Entry(MsgType.EVENT, actor, protocol.event_head(actor, seq, data), value=data)
 
 
 def state_entry(actor: int, key: str | int, data: bytes) -> Entry:

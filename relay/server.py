@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from relay import protocol
+from relay import auth, protocol
 from relay.backplane.base import Backplane, RoomFull
 from relay.backplane.memory import MemoryBackplane
 from relay.config import Settings
@@ -33,6 +34,7 @@ from relay.node import LocalRoom, Node, Seat
 from relay.outbox import Outbox
 from relay.protocol import CloseCode, Direct, ErrorCode, Event, Invalid, Ping, State
 from relay.room import event_entry, state_entry
+from relay.rules.base import Reject
 from relay.session import Session
 
 log = logging.getLogger("relay")
@@ -50,6 +52,8 @@ class Relay:
         self.stats = Stats()
         self.node = Node(backplane or MemoryBackplane(), settings, self.stats)
         self.connections: set[Connection] = set()
+        self.open_per_ip: Counter[str] = Counter()
+        self.open_total = 0
         self.closing = False
 
     def gauges(self) -> dict[str, float]:
@@ -98,6 +102,41 @@ class Connection:
         room, params, problem = parse_request(self.scope)
         if problem:
             return await self._close_now(CloseCode.BAD_REQUEST, problem)
+        s = self.settings
+        if s.secret:
+            try:
+                grant = auth.verify(params["token"], s.secret, room)
+            except auth.AuthError as exc:
+                return await self._close_now(exc.code, exc.reason)
+            params["player"] = grant.player
+            if grant.name:
+                params["meta"]["name"] = grant.name
+        full = self._capacity_problem(room)
+        if full:
+            return await self._close_now(CloseCode.AT_CAPACITY, full)
+        ip = client_ip(self.scope)
+        relay = self.relay
+        relay.open_total += 1
+        relay.open_per_ip[ip] += 1
+        try:
+            await self._play(room, params)
+        finally:
+            relay.open_total -= 1
+            relay.open_per_ip[ip] -= 1
+            if not relay.open_per_ip[ip]:
+                del relay.open_per_ip[ip]
+
+    def _capacity_problem(self, room: str) -> str | None:
+        s, relay = self.settings, self.relay
+        if relay.open_total >= s.max_connections:
+            return "the server is at its connection limit; try again later"
+        if relay.open_per_ip[client_ip(self.scope)] >= s.max_connections_per_ip:
+            return "too many connections from this address; try again later"
+        if room not in relay.node.rooms and len(relay.node.rooms) >= s.max_rooms:
+            return "the server is at its room limit; try again later"
+        return None
+
+    async def _play(self, room: str, params: dict[str, Any]) -> None:
         s = self.settings
         outbox = Outbox(
             soft_bytes=s.outbox_soft_bytes,
@@ -216,7 +255,13 @@ class Connection:
         node = self.relay.node
         session = self.session
         now = time.monotonic()
-        for msg in protocol.decode_frame(frame, max_message_bytes=self.settings.max_message_bytes):
+        over = session.admit_frame(len(frame), now)
+        if over is not None:
+            self._reject(over, now)
+            return
+        ruled = seat.room.rules is not None
+        s = self.settings
+        for msg in protocol.decode_frame(frame, max_message_bytes=s.max_message_bytes, max_depth=s.max_depth):
             kind = type(msg)
             if kind is Invalid:
                 if self._reject(msg, now):  # type: ignore[arg-type]
@@ -227,21 +272,40 @@ class Connection:
                 if self._reject(problem, now):
                     return
                 continue
+            if kind is Ping:
+                stats.messages_in["PING"] += 1
+                node.reply(seat, protocol.pong(msg.client_time, int(time.time() * 1000)))  # type: ignore[union-attr]
+                continue
+            data = msg.data  # type: ignore[union-attr]
+            if ruled:
+                checked = self._check_rules(msg)
+                if isinstance(checked, Reject):
+                    if self._reject(Invalid(msg.seq, checked.code, checked.reason), now):  # type: ignore[union-attr]
+                        return
+                    continue
+                data = checked
             if kind is Event:
                 stats.messages_in["EVENT"] += 1
-                node.submit(seat, event_entry(seat.actor, msg.seq, msg.data))  # type: ignore[union-attr]
+                node.submit(seat, event_entry(seat.actor, msg.seq, data))  # type: ignore[union-attr]
             elif kind is State:
                 stats.messages_in["STATE"] += 1
-                node.submit(seat, state_entry(seat.actor, msg.key, msg.data))  # type: ignore[union-attr]
-            elif kind is Direct:
+                node.submit(seat, state_entry(seat.actor, msg.key, data))  # type: ignore[union-attr]
+            else:
                 stats.messages_in["DIRECT"] += 1
-                if not node.direct(seat, msg.to_actor, msg.seq, msg.data):  # type: ignore[union-attr]
+                if not node.direct(seat, msg.to_actor, msg.seq, data):  # type: ignore[union-attr]
                     why = f"no member with actor {msg.to_actor} in this room"  # type: ignore[union-attr]
                     if self._reject(Invalid(msg.seq, ErrorCode.NO_SUCH_ACTOR, why), now):  # type: ignore[union-attr]
                         return
-            else:
-                stats.messages_in["PING"] += 1
-                node.reply(seat, protocol.pong(msg.client_time, int(time.time() * 1000)))  # type: ignore[union-attr]
+
+    def _check_rules(self, msg: Event | State | Direct) -> bytes | Reject:
+        seat = self.seat
+        assert seat is not None
+        node = self.relay.node
+        if type(msg) is Event:
+            return node.check(seat, "event", msg.data)
+        if type(msg) is State:
+            return node.check(seat, "state", msg.data, key=msg.key)
+        return node.check(seat, "direct", msg.data, to_actor=msg.to_actor)  # type: ignore[union-attr]
 
     def _reject(self, invalid: Invalid, now: float) -> bool:
         """Answer ERROR; True when the connection has used up its error budget."""
@@ -279,7 +343,22 @@ def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
         if len(name) > MAX_NAME or not name.isprintable():
             return room, {}, f"name must be at most {MAX_NAME} printable characters"
         meta["name"] = name
-    return room, {"player": player, "echo": echo, "meta": meta}, None
+    return room, {"player": player, "echo": echo, "meta": meta, "token": one.get("token")}, None
+
+
+def client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def origin_allowed(scope: Scope, allowed: str) -> bool:
+    """Browsers send Origin; a page from another site must not join (CSWSH). Others pass."""
+    if allowed.strip() == "*":
+        return True
+    origin = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"origin"), None)
+    if origin is None:
+        return True
+    return origin.rstrip("/") in {o.strip().rstrip("/") for o in allowed.split(",")}
 
 
 class WebSocketEndpoint:
@@ -291,6 +370,9 @@ class WebSocketEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
+            return
+        if not origin_allowed(scope, self.relay.settings.allowed_origins):
+            await send({"type": "websocket.close", "code": CloseCode.ROOM_FORBIDDEN})  # HTTP 403
             return
         await Connection(self.relay, scope, receive, send).run()
 

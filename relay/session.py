@@ -36,10 +36,27 @@ class Session:
         self._burst = float(settings.burst)
         self._tokens = float(settings.burst)
         self._refilled = now
+        self._byte_rate = float(settings.max_bytes_per_s)
+        self._byte_burst = float(settings.burst_bytes)
+        self._byte_tokens = self._byte_burst
+        self._bytes_refilled = now
         self._max_errors = settings.max_errors
         self._max_rate_errors = settings.max_rate_errors
         self._errors = _Window(settings.errors_window_s)
         self._rate_errors = _Window(settings.errors_window_s)
+
+    def admit_frame(self, size: int, now: float) -> Invalid | None:
+        """Check a frame against the bytes/s budget before decoding it."""
+        tokens = self._byte_tokens + (now - self._bytes_refilled) * self._byte_rate
+        if tokens > self._byte_burst:
+            tokens = self._byte_burst
+        self._bytes_refilled = now
+        if tokens < size:
+            self._byte_tokens = tokens
+            why = f"more than {self._byte_rate:g} bytes/s: frame dropped"
+            return Invalid(None, ErrorCode.RATE_LIMITED, why)
+        self._byte_tokens = tokens - size
+        return None
 
     def admit(self, seq: int | None, now: float) -> Invalid | None:
         """Check one decoded message (``seq`` None for PING); None means go ahead."""

@@ -28,9 +28,9 @@ def test_serve_help_lists_every_setting_with_its_default():
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--redis", "redis://127.0.0.1:1/0"], "Redis backplane"),
-        (["--secret", "s3cret"], "token"),
         (["--workers", "2"], "needs --redis"),
+        (["--outbox-soft-bytes", "10", "--outbox-hard-bytes", "5"], "must not exceed"),
+        (["--rules", "grid=no.such.module:Rules"], "cannot import"),
         (["--max-frame-bytes", "lots"], "not a valid int"),
     ],
 )

@@ -1,0 +1,68 @@
+"""Grid movement: each player's STATE ``pos`` is ``[x, y]`` on a WIDTH x HEIGHT board.
+
+A player may first appear on any free cell, then moves one step at a time (up,
+down, left or right); no two players may stand on one cell. ``pos = nil`` takes
+the player off the board. Other STATE keys and EVENTs are not this rule's
+business and pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.rules.base import ACCEPT, BaseRules, Move, Reject, RoomView, Verdict
+
+POS = "pos"
+
+
+class GridRules(BaseRules):
+    WIDTH = 20
+    HEIGHT = 15
+
+    def __init__(self, room: str) -> None:
+        super().__init__(room)
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.occupied: dict[tuple[int, int], int] = {}
+
+    def validate(self, view: RoomView, actor: int, move: Move) -> Verdict:
+        if move.kind != "state" or move.key != POS:
+            return ACCEPT
+        if move.data is None:
+            self._place(actor, None)
+            return ACCEPT
+        cell = self._cell(move.data)
+        if cell is None:
+            return Reject(f"pos must be [x, y] with 0 <= x < {self.WIDTH} and 0 <= y < {self.HEIGHT}")
+        here = self.positions.get(actor)
+        if here is not None and abs(cell[0] - here[0]) + abs(cell[1] - here[1]) > 1:
+            return Reject(f"one step at a time: from {list(here)} to {list(cell)} is too far")
+        holder = self.occupied.get(cell)
+        if holder is not None and holder != actor:
+            return Reject(f"cell {list(cell)} is taken by actor {holder}")
+        self._place(actor, cell)
+        return ACCEPT
+
+    def observe(self, view: RoomView, actor: int, move: Move) -> None:
+        if move.kind == "state" and move.key == POS:
+            self._place(actor, self._cell(move.data))
+
+    def on_leave(self, view: RoomView, actor: int) -> None:
+        self._place(actor, None)
+
+    def _place(self, actor: int, cell: tuple[int, int] | None) -> None:
+        old = self.positions.pop(actor, None)
+        if old is not None and self.occupied.get(old) == actor:
+            del self.occupied[old]
+        if cell is not None:
+            self.positions[actor] = cell
+            self.occupied[cell] = actor
+
+    def _cell(self, data: Any) -> tuple[int, int] | None:
+        if not isinstance(data, (list, tuple)) or len(data) != 2:
+            return None
+        x, y = data
+        if type(x) is not int or type(y) is not int:
+            return None
+        if not (0 <= x < self.WIDTH and 0 <= y < self.HEIGHT):
+            return None
+        return (x, y)

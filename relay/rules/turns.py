@@ -1,0 +1,52 @@
+"""Turn-based play: only the player whose turn it is may send an EVENT (a move).
+
+Turns go round the members in join order, starting with the first to join.
+Each accepted EVENT passes the turn to the next member. When the player whose
+turn it is leaves, the turn passes on. STATE and DIRECT (chat, presence) are
+always allowed. Every member can follow whose turn it is from the room order.
+"""
+
+from __future__ import annotations
+
+from relay.rules.base import ACCEPT, BaseRules, Move, Reject, RoomView, Verdict
+
+
+class TurnRules(BaseRules):
+    def __init__(self, room: str) -> None:
+        super().__init__(room)
+        self.order: list[int] = []
+        self.turn: int | None = None
+
+    def validate(self, view: RoomView, actor: int, move: Move) -> Verdict:
+        if move.kind != "event":
+            return ACCEPT
+        if self.turn != actor:
+            return Reject(f"not your turn: it is actor {self.turn}'s turn")
+        self._advance()
+        return ACCEPT
+
+    def observe(self, view: RoomView, actor: int, move: Move) -> None:
+        if move.kind == "event" and actor == self.turn:
+            self._advance()
+
+    def on_join(self, view: RoomView, actor: int) -> None:
+        if actor not in self.order:
+            self.order.append(actor)
+        if self.turn is None:
+            self.turn = actor
+
+    def on_leave(self, view: RoomView, actor: int) -> None:
+        if actor not in self.order:
+            return
+        if self.turn == actor:
+            self._advance()
+        self.order.remove(actor)
+        if not self.order or self.turn == actor:
+            self.turn = self.order[0] if self.order else None
+
+    def _advance(self) -> None:
+        if not self.order or self.turn not in self.order:
+            self.turn = self.order[0] if self.order else None
+            return
+        i = self.order.index(self.turn)
+        self.turn = self.order[(i + 1) % len(self.order)]

@@ -1,0 +1,244 @@
+"""relay.room: the room's order (offsets), members, actor numbers and snapshot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from relay import protocol
+from relay.protocol import MsgType
+from relay.room import (
+    Entry,
+    Member,
+    RoomState,
+    event_entry,
+    join_entry,
+    leave_entry,
+    new_epoch,
+    state_entry,
+)
+
+
+def packb(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack_one(wire: bytes) -> Any:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(wire)
+    [message] = list(unpacker)
+    return message
+
+
+def joined(room: RoomState, player: str, **meta: Any) -> Member:
+    member = Member(room.new_actor(), player, meta)
+    room.sequence([join_entry(member)])
+    return member
+
+
+def snapshot_values(room: RoomState) -> dict[int, dict[Any, Any]]:
+    return {
+        actor: {key: msgpack.unpackb(raw, raw=False) for key, raw in values.items()}
+        for actor, values in room.snapshot.items()
+    }
+
+
+def test_new_room_is_empty() -> None:
+    room = RoomState("grid:a")
+    assert (room.offset, room.members, room.snapshot, room.member_list()) == (0, {}, {}, [])
+    assert isinstance(room.epoch, str) and room.epoch
+    assert room.snapshot_bytes() == 0
+
+
+def test_epochs_differ_between_rooms() -> None:
+    assert RoomState("a").epoch != RoomState("a").epoch
+    assert len({new_epoch() for _ in range(50)}) == 50
+
+
+def test_sequence_gives_consecutive_offsets() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    entries = [event_entry(ann.actor, seq, packb(seq)) for seq in range(1, 6)]
+    room.sequence(entries)
+    assert [e.offset for e in entries] == [2, 3, 4, 5, 6]
+    assert room.offset == 6
+    more = [event_entry(ann.actor, 6, packb("x")), state_entry(ann.actor, "k", packb(1))]
+    room.sequence(more)
+    assert [e.offset for e in more] == [7, 8]
+    assert room.offset == 8
+
+
+def test_sequence_of_nothing_changes_nothing() -> None:
+    room = RoomState("r")
+    room.sequence([])
+    assert room.offset == 0
+
+
+def test_sequenced_wire_is_head_plus_offset() -> None:
+    room = RoomState("r", offset=299)
+    ann = Member(room.new_actor(), "ann", {"name": "Ann"})
+    entries = [
+        join_entry(ann),
+        event_entry(ann.actor, 5, b"\xa2hi"),
+        state_entry(ann.actor, "pos", b"\x92\x01\x02"),
+        leave_entry(ann.actor, 1000),
+    ]
+    room.sequence(entries)
+    for entry in entries:
+        assert entry.wire == entry.head + packb(entry.offset)
+    assert [unpack_one(e.wire) for e in entries] == [
+        [5, 1, "ann", {"name": "Ann"}, 300],
+        [1, 1, 5, "hi", 301],
+        [2, 1, "pos", [1, 2], 302],
+        [6, 1, 1000, 303],
+    ]
+
+
+def test_entry_constructors() -> None:
+    event = event_entry(3, 9, b"\x01")
+    assert (event.kind, event.actor, event.head) == (MsgType.EVENT, 3, protocol.event_head(3, 9, b"\x01"))
+    state = state_entry(3, "k", b"\x02")
+    assert (state.kind, state.actor, state.key, state.value) == (MsgType.STATE, 3, "k", b"\x02")
+    assert state.head == protocol.state_head(3, "k", b"\x02")
+    member = Member(4, "bob", {})
+    join = join_entry(member)
+    assert (join.kind, join.actor, join.member) == (MsgType.JOIN, 4, member)
+    leave = leave_entry(4, 4008)
+    assert (leave.kind, leave.actor, leave.head) == (MsgType.LEAVE, 4, protocol.leave_head(4, 4008))
+    assert all(e.offset == 0 and e.wire == b"" for e in (event, state, join, leave))
+
+
+def test_droppable_kinds() -> None:
+    assert event_entry(1, 1, b"\x01").droppable
+    assert Entry(MsgType.DIRECT, 1, b"", wire=b"x").droppable
+    assert not state_entry(1, "k", b"\x01").droppable
+    assert not join_entry(Member(1, "a", {})).droppable
+    assert not leave_entry(1, 1000).droppable
+
+
+def test_join_adds_member() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    bob = joined(room, "bob", name="Bob")
+    assert room.members == {1: ann, 2: bob}
+    assert room.member_list() == [(1, "ann", {}), (2, "bob", {"name": "Bob"})]
+    assert room.find_player("bob") is bob
+    assert room.find_player("cy") is None
+
+
+def test_state_sets_and_replaces_keys() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    room.sequence([state_entry(ann.actor, "pos", packb([1, 2])), state_entry(ann.actor, 7, packb("x"))])
+    room.sequence([state_entry(ann.actor, "pos", packb([3, 4]))])
+    assert snapshot_values(room) == {ann.actor: {"pos": [3, 4], 7: "x"}}
+    assert room.snapshot_bytes() == len(packb([3, 4])) + len(packb("x"))
+
+
+def test_state_nil_deletes_key_and_then_the_empty_map() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    room.sequence([state_entry(ann.actor, "a", packb(1)), state_entry(ann.actor, "b", packb(2))])
+    room.sequence([state_entry(ann.actor, "a", protocol.NIL)])
+    assert snapshot_values(room) == {ann.actor: {"b": 2}}
+    room.sequence([state_entry(ann.actor, "b", protocol.NIL)])
+    assert room.snapshot == {}
+
+
+def test_state_nil_for_unknown_key_leaves_no_empty_map() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    room.sequence([state_entry(ann.actor, "never-set", protocol.NIL)])
+    assert room.snapshot == {}
+    assert room.offset == 2
+
+
+def test_state_from_someone_who_left_changes_nothing_but_is_ordered() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    room.sequence([leave_entry(ann.actor, 1000)])
+    late = state_entry(ann.actor, "pos", packb(1))
+    room.sequence([late])
+    assert room.snapshot == {}
+    assert late.offset == 3 and room.offset == 3
+
+
+def test_leave_removes_member_and_its_state() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    bob = joined(room, "bob")
+    room.sequence([state_entry(ann.actor, "pos", packb(1)), state_entry(bob.actor, "pos", packb(2))])
+    room.sequence([leave_entry(ann.actor, 1001)])
+    assert room.members == {bob.actor: bob}
+    assert snapshot_values(room) == {bob.actor: {"pos": 2}}
+    assert room.find_player("ann") is None
+
+
+def test_actor_numbers_are_never_reused() -> None:
+    room = RoomState("r")
+    ann = joined(room, "ann")
+    bob = joined(room, "bob")
+    room.sequence([leave_entry(bob.actor, 1000), leave_entry(ann.actor, 1000)])
+    again = joined(room, "ann")
+    assert (ann.actor, bob.actor, again.actor) == (1, 2, 3)
+    assert room.members == {3: again}
+
+
+def test_join_from_elsewhere_moves_next_actor_past_it() -> None:
+    # a mirror applying a JOIN whose actor was chosen by the authority
+    room = RoomState("r")
+    room.sequence([join_entry(Member(7, "far", {}))])
+    assert room.new_actor() == 8
+
+
+def test_one_batch_mixes_everything_in_order() -> None:
+    room = RoomState("r")
+    ann = Member(room.new_actor(), "ann", {})
+    bob = Member(room.new_actor(), "bob", {})
+    entries = [
+        join_entry(ann),
+        join_entry(bob),
+        state_entry(ann.actor, "k", packb(1)),
+        state_entry(bob.actor, "k", packb(2)),
+        event_entry(ann.actor, 1, packb("go")),
+        leave_entry(ann.actor, 1000),
+    ]
+    room.sequence(entries)
+    assert [e.offset for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert room.member_list() == [(bob.actor, "bob", {})]
+    assert snapshot_values(room) == {bob.actor: {"k": 2}}
+
+
+def test_mirror_applying_sequenced_entries_matches_the_authority() -> None:
+    authority = RoomState("r")
+    mirror = RoomState("r", epoch=authority.epoch)
+    ann = Member(authority.new_actor(), "ann", {})
+    entries = [join_entry(ann), state_entry(ann.actor, "k", packb([1])), event_entry(ann.actor, 1, packb(0))]
+    authority.sequence(entries)
+    for entry in entries:
+        mirror.apply(entry)
+    assert mirror.offset == authority.offset == 3
+    assert mirror.members == authority.members
+    assert mirror.snapshot == authority.snapshot
+
+
+def test_welcome_from_room_state_reads_back() -> None:
+    room = RoomState("grid:lobby")
+    ann = joined(room, "ann")
+    room.sequence([state_entry(ann.actor, "pos", packb([0, 0]))])
+    wire = protocol.welcome(
+        actor=ann.actor,
+        room=room.room,
+        members=room.member_list(),
+        snapshot=room.snapshot,
+        server_time_ms=1,
+        limits={"max_frame_bytes": 1, "max_msgs_per_s": 1},
+        offset=room.offset,
+        epoch=room.epoch,
+        resume_token="t",
+        last_seq=None,
+    )
+    message = unpack_one(wire)
+    assert message[3:6] == ["grid:lobby", [[1, "ann", {}]], {1: {"pos": [0, 0]}}]
+    assert message[8:10] == [2, room.epoch]
