@@ -147,7 +147,7 @@ def test_faster_than_the_rate_is_limited_to_the_rate() -> None:
 
 
 def test_frames_within_the_byte_burst_are_admitted_then_limited() -> None:
-    s = session(max_bytes_per_s=100, burst_bytes=300)
+    s = session(max_bytes_per_s=100, burst_bytes=300, max_frame_bytes=300, max_message_bytes=300)
     assert s.admit_frame(200, 0.0) is None
     limited = s.admit_frame(200, 0.0)
     assert isinstance(limited, Invalid)
@@ -156,7 +156,7 @@ def test_frames_within_the_byte_burst_are_admitted_then_limited() -> None:
 
 
 def test_byte_budget_refills_at_the_rate_up_to_the_burst() -> None:
-    s = session(max_bytes_per_s=100, burst_bytes=300)
+    s = session(max_bytes_per_s=100, burst_bytes=300, max_frame_bytes=300, max_message_bytes=300)
     assert s.admit_frame(300, 0.0) is None
     assert code(s.admit_frame(60, 0.5)) is ErrorCode.RATE_LIMITED  # 50 bytes back
     assert s.admit_frame(60, 1.0) is None  # 100 back
@@ -165,7 +165,7 @@ def test_byte_budget_refills_at_the_rate_up_to_the_burst() -> None:
 
 
 def test_byte_and_message_budgets_are_separate() -> None:
-    s = session(max_bytes_per_s=100, burst_bytes=100, max_msgs_per_s=1.0, burst=1)
+    s = session(max_bytes_per_s=100, burst_bytes=100, max_frame_bytes=100, max_message_bytes=100, max_msgs_per_s=1.0, burst=1)
     assert s.admit_frame(100, 0.0) is None
     assert s.admit(1, 0.0) is None  # messages still have their own token
     assert code(s.admit(2, 0.0)) is ErrorCode.RATE_LIMITED
