@@ -54,6 +54,9 @@ class Settings:
     ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
+    resume_window_s: float = _setting(10.0, "how long a broken connection's seat is held for resume")
+    history_size: int = _setting(1000, "room messages kept per room for resume (0: none)")
+    max_held_directs: int = _setting(100, "DIRECTs kept for a held seat until it resumes")
     log_level: str = _setting("info", "log level: debug, info, warning, error")
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ each connection's writer.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ class Seat:
     after_offset: int = 0  # the offset of this seat's WELCOME: it gets what follows
     early: list[list[Entry]] | None = field(default_factory=list)  # batches seen while joining
     left: bool = False
+    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    last_seq: int | None = None  # the highest seq accepted from this seat, across connections
+    held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
+    held_code: int = 0
+    held_directs: list[bytes] = field(default_factory=list)
+    owner: object = None  # the connection serving this seat now
 
 
 @dataclass(eq=False, slots=True)
@@ -68,6 +75,7 @@ class Node:
         self._to_flush: set[Seat] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.tokens: dict[str, Seat] = {}  # resume token -> seat, for seats in a room
         self.rules = {
             room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
         }
@@ -115,6 +123,7 @@ class Node:
             self._start_rules(room)
         early, seat.early = seat.early or [], None
         room.seats[seat.actor] = seat
+        self.tokens[seat.resume_token] = seat
         now = time.monotonic()
         seat.outbox.push_control(self._welcome(seat, joined), now)
         for entries in early:
@@ -129,6 +138,11 @@ class Node:
         if seat.left:
             return
         seat.left = True
+        if seat.held is not None:
+            seat.held.cancel()
+            seat.held = None
+        if self.tokens.get(seat.resume_token) is seat:
+            del self.tokens[seat.resume_token]
         room = seat.room
         self._publish_room(room)  # the leaver's last moves come before its LEAVE
         if room.seats.get(seat.actor) is seat:
@@ -139,13 +153,77 @@ class Node:
         finally:
             await self._forget_if_empty(room)
 
+    # --- holding a seat for resume --------------------------------------------------------
+
+    def hold(self, seat: Seat, close_code: int) -> None:
+        """Keep a broken connection's seat for ``resume_window_s``; then it leaves."""
+        if seat.left or seat.held is not None:
+            return
+        seat.outbox = Outbox(soft_bytes=1, hard_bytes=1, max_frame_bytes=1)  # free the backlog
+        seat.wake = seat.close = _nothing  # type: ignore[assignment]
+        seat.held_code = close_code
+        loop = asyncio.get_running_loop()
+        seat.held = loop.call_later(
+            self.settings.resume_window_s, lambda: self._spawn(self.leave(seat, close_code))
+        )
+
+    async def resume(
+        self, token: str, player: str, room_name: str, offset: int | None, epoch: str | None, seat: Seat
+    ) -> Seat | None:
+        """Put a new connection in the seat its token names; None when there is no such seat.
+
+        The WELCOME (same actor) goes on ``seat``'s outbox, followed by the room's
+        messages after ``offset`` when history still has them all (else WELCOME
+        carries the current snapshot), then any DIRECTs kept while it was away.
+        """
+        old = self.tokens.get(token)
+        if old is None or old.left or old.player != player or old.room.name != room_name:
+            return None
+        room = old.room
+        if old.held is not None:
+            old.held.cancel()
+            old.held = None
+        else:  # the old connection is still open (a half-dead link): it is replaced
+            old.close(CloseCode.REPLACED, "this seat was resumed by a new connection", False)
+        self._publish_room(room)
+        state = room.state
+        assert state is not None
+        missed = None
+        if offset is not None and epoch is not None:
+            missed = await self.backplane.history(room.name, offset, epoch)
+        old.outbox, old.wake, old.close, old.echo = seat.outbox, seat.wake, seat.close, seat.echo
+        old.owner = seat.owner
+        old.after_offset = state.offset
+        now = time.monotonic()
+        welcome_offset = offset if missed is not None and offset is not None else state.offset
+        joined = Joined(
+            member=state.members[old.actor],
+            members=state.member_list(),
+            snapshot={actor: dict(values) for actor, values in state.snapshot.items()},
+            offset=welcome_offset,
+            epoch=state.epoch,
+        )
+        old.outbox.push_control(self._welcome(old, joined), now)
+        if missed:
+            mine = [e for e in missed if old.echo or e.actor != old.actor]
+            if mine:
+                self._push(old, Batch(b"".join(e.wire for e in mine), mine), now)
+        for wire in old.held_directs:
+            self._push(old, Batch(wire, [Entry(MsgType.DIRECT, old.actor, b"", wire=wire)]), now)
+        old.held_directs = []
+        old.wake()
+        return old
+
     def kick(self, seat: Seat, code: int, reason: str, *, flush: bool) -> None:
         """Close a seat's connection from the server side and take it out of its room."""
         if seat.left:
             return
+        seat.close(code, reason, flush)
         if code == CloseCode.SLOW_CONSUMER:
             self.stats.slow_consumer_closes += 1
-        seat.close(code, reason, flush)
+            if self.settings.resume_window_s > 0:
+                self.hold(seat, code)  # it may resume and catch up from the room's history
+                return
         self._spawn(self.leave(seat, code))
 
     async def _forget_if_empty(self, room: LocalRoom) -> None:
@@ -216,6 +294,8 @@ class Node:
         authors = {e.actor for e in entries}
         now = time.monotonic()
         for seat in list(seats.values()):
+            if seat.held is not None:
+                continue  # it will catch up from the room's history when it resumes
             if seat.after_offset < first and (seat.echo or seat.actor not in authors):
                 self._push(seat, shared, now)
             else:
@@ -227,7 +307,10 @@ class Node:
     def deliver_direct(self, room_name: str, to_actor: int, wire: bytes) -> None:
         room = self.rooms.get(room_name)
         seat = room.seats.get(to_actor) if room is not None else None
-        if seat is not None:
+        if seat is not None and seat.held is not None:
+            seat.held_directs.append(wire)
+            del seat.held_directs[: -self.settings.max_held_directs]
+        elif seat is not None:
             entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
             self._push(seat, Batch(wire, [entry]), time.monotonic())
             self.stats.messages_out[MsgType.DIRECT] += 1
@@ -327,14 +410,18 @@ class Node:
             limits=self.settings.limits(),
             offset=joined.offset,
             epoch=joined.epoch,
-            resume_token=f"{seat.room.name}.{seat.actor}.{joined.epoch}",
-            last_seq=None,
+            resume_token=seat.resume_token,
+            last_seq=seat.last_seq,
         )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _nothing(*args: Any) -> None:
+    pass
 
 
 def _decode(raw: bytes) -> Any:

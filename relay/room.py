@@ -13,6 +13,7 @@ an offset and it then receives exactly the entries after it.
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,8 @@ class RoomState:
     next_actor: int = 1
     members: dict[int, Member] = field(default_factory=dict)
     snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
+    history_size: int = 0
+    history: deque[Entry] = field(default_factory=deque)  # the last history_size entries
 
     def new_actor(self) -> int:
         actor = self.next_actor
@@ -76,6 +79,22 @@ class RoomState:
             entry.wire = protocol.with_offset(entry.head, offset)
             self.apply(entry)
         self.offset = offset
+        if self.history_size:
+            self.history.extend(entries)
+            while len(self.history) > self.history_size:
+                self.history.popleft()
+
+    def history_after(self, offset: int, epoch: str) -> list[Entry] | None:
+        """Every entry after ``offset`` in ``epoch``, or None when history no longer reaches it."""
+        if epoch != self.epoch or offset > self.offset or offset < 0:
+            return None
+        if offset == self.offset:
+            return []
+        history = self.history
+        if not history or history[0].offset > offset + 1:
+            return None
+        skip = offset + 1 - history[0].offset
+        return list(history)[skip:]
 
     def apply(self, entry: Entry) -> None:
         kind = entry.kind

@@ -50,7 +50,8 @@ class Relay:
     def __init__(self, settings: Settings, backplane: Backplane | None = None) -> None:
         self.settings = settings
         self.stats = Stats()
-        self.node = Node(backplane or MemoryBackplane(), settings, self.stats)
+        backplane = backplane or MemoryBackplane(history_size=settings.history_size)
+        self.node = Node(backplane, settings, self.stats)
         self.connections: set[Connection] = set()
         self.open_per_ip: Counter[str] = Counter()
         self.open_total = 0
@@ -151,11 +152,21 @@ class Connection:
             outbox=outbox,
             wake=self.wakeup.set,
             close=self.close,
+            owner=self,
         )
-        try:
-            await self.relay.node.join(seat)
-        except RoomFull:
-            return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
+        resumed = None
+        if params["resume"]:
+            resumed = await self.relay.node.resume(
+                params["resume"], seat.player, room, params["offset"], params["epoch"], seat
+            )
+        if resumed is not None:
+            self.seat = seat = resumed
+            self.session.last_seq = seat.last_seq
+        else:
+            try:
+                await self.relay.node.join(seat)
+            except RoomFull:
+                return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
         self.relay.connections.add(self)
         self.writer = asyncio.create_task(self._write())
         leave_code = CloseCode.INTERNAL_ERROR
@@ -167,10 +178,23 @@ class Connection:
         finally:
             if self.close_code is not None:
                 leave_code = self.close_code
-            await self.relay.node.leave(seat, leave_code)
+            if seat.owner is self:  # not taken over by a resuming connection
+                seat.last_seq = self.session.last_seq
+                if self._holds_seat(leave_code):
+                    self.relay.node.hold(seat, leave_code)
+                else:
+                    await self.relay.node.leave(seat, leave_code)
             await self._finish()
             self.relay.connections.discard(self)
             self.stats.closes[leave_code] += 1
+
+    def _holds_seat(self, code: int) -> bool:
+        """Broken links keep the seat for a resume; deliberate closes give it up."""
+        if self.settings.resume_window_s <= 0 or self.relay.closing:
+            return False
+        if code == 1006 or code == CloseCode.SLOW_CONSUMER:
+            return True
+        return code == CloseCode.GOING_AWAY and self.close_code == CloseCode.GOING_AWAY
 
     async def _read(self) -> int:
         receive = self.receive
@@ -252,15 +276,22 @@ class Connection:
             return
         seat = self.seat
         assert seat is not None
-        node = self.relay.node
         session = self.session
         now = time.monotonic()
         over = session.admit_frame(len(frame), now)
         if over is not None:
             self._reject(over, now)
             return
+        try:
+            self._handle_messages(frame, now)
+        finally:
+            seat.last_seq = session.last_seq
+
+    def _handle_messages(self, frame: bytes, now: float) -> None:
+        seat = self.seat
+        assert seat is not None
+        node, session, stats, s = self.relay.node, self.session, self.stats, self.settings
         ruled = seat.room.rules is not None
-        s = self.settings
         for msg in protocol.decode_frame(frame, max_message_bytes=s.max_message_bytes, max_depth=s.max_depth):
             kind = type(msg)
             if kind is Invalid:
@@ -343,7 +374,15 @@ def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
         if len(name) > MAX_NAME or not name.isprintable():
             return room, {}, f"name must be at most {MAX_NAME} printable characters"
         meta["name"] = name
-    return room, {"player": player, "echo": echo, "meta": meta, "token": one.get("token")}, None
+    resume = one.get("resume") or None
+    offset = one.get("offset")
+    if offset is not None and not offset.isdigit():
+        return room, {}, "offset must be a non-negative integer"
+    params = {
+        "player": player, "echo": echo, "meta": meta, "token": one.get("token"),
+        "resume": resume, "offset": int(offset) if offset else None, "epoch": one.get("epoch"),
+    }
+    return room, params, None
 
 
 def client_ip(scope: Scope) -> str:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_settings_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
-    assert config.table_markdown() in readme, "run `relay settings` and paste the table into README.md"
+    assert config.table_markdown() in readme, "run scripts/sync-readme"
 
 
 def test_every_close_code_is_documented():

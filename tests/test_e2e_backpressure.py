@@ -122,7 +122,7 @@ async def test_slow_reader_gets_coalesced_and_dropped_while_others_get_everythin
 
 async def test_reader_stalled_too_long_is_closed_4008(relay_with, room):
     server = relay_with(
-        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5,
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, resume_window_s=0.5,
         max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
     )
     rounds = 500

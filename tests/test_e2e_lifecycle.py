@@ -36,13 +36,13 @@ def silent_peer(port: int, room: str) -> socket.socket:
 
 
 async def test_dead_peer_is_removed_with_leave(relay_with, room):
-    server = relay_with(ping_interval_s=0.5, ping_timeout_s=0.5)
+    server = relay_with(ping_interval_s=0.5, ping_timeout_s=0.5, resume_window_s=1)
     async with connect(server.url, room, player="watch") as watch:
         ghost = await asyncio.to_thread(silent_peer, server.port, room)
         try:
             join = await next_of(watch, Join)
             assert join.player == "ghost"
-            leave = await next_of(watch, Leave, seconds=10)  # interval + timeout, with margin
+            leave = await next_of(watch, Leave, seconds=10)  # interval + timeout + resume window, with margin
             assert leave.actor == join.actor and leave.code == 1006
             assert join.actor not in watch.members
         finally:
@@ -51,8 +51,8 @@ async def test_dead_peer_is_removed_with_leave(relay_with, room):
 
 async def test_sigterm_flushes_queued_moves_then_closes_1001(relay_with, room):
     server = relay_with()
-    sender = await open_client(server.url, room, player="sender")
-    receiver = await open_client(server.url, room, player="receiver")
+    sender = await open_client(server.url, room, player="sender", auto_resume=False)
+    receiver = await open_client(server.url, room, player="receiver", auto_resume=False)
     try:
         for i in range(100):
             sender.send_event(i)

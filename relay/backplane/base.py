@@ -73,6 +73,10 @@ class Backplane(Protocol):
     def direct(self, room: str, to_actor: int, wire: bytes) -> None:
         """Deliver one encoded DIRECT to whichever node holds ``to_actor``."""
 
+    async def history(self, room: str, after: int, epoch: str) -> list[Entry] | None:
+        """The room's entries after offset ``after``, if it is still in ``epoch`` and its
+        bounded history reaches back that far; None otherwise (resume then resyncs)."""
+
     async def rooms(self) -> dict[str, int]:
         """Every room with members, and its member count."""
 

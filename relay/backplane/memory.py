@@ -18,7 +18,8 @@ from relay.room import Entry, Member, RoomState, join_entry, leave_entry
 class MemoryBackplane:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, history_size: int = 0) -> None:
+        self._history_size = history_size
         self._rooms: dict[str, RoomState] = {}
         self._receiver: Receiver | None = None
 
@@ -39,7 +40,7 @@ class MemoryBackplane:
     ) -> Joined:
         state = self._rooms.get(room)
         if state is None:
-            state = self._rooms[room] = RoomState(room)
+            state = self._rooms[room] = RoomState(room, history_size=self._history_size)
         old = state.find_player(player)
         if old is None and len(state.members) >= max_players:
             if not state.members:
@@ -73,6 +74,10 @@ class MemoryBackplane:
     def direct(self, room: str, to_actor: int, wire: bytes) -> None:
         assert self._receiver is not None
         self._receiver.deliver_direct(room, to_actor, wire)
+
+    async def history(self, room: str, after: int, epoch: str) -> list[Entry] | None:
+        state = self._rooms.get(room)
+        return state.history_after(after, epoch) if state is not None else None
 
     async def rooms(self) -> dict[str, int]:
         return {name: len(state.members) for name, state in self._rooms.items()}

@@ -11,6 +11,8 @@ from relay_client.messages import (
     Member,
     Message,
     Pong,
+    Resumed,
+    Resynced,
     State,
     Welcome,
 )
@@ -18,4 +20,5 @@ from relay_client.messages import (
 __all__ = [
     "Client", "RelayClosed", "connect", "open_client", "Message",
     "Welcome", "Event", "State", "Direct", "Join", "Leave", "Error", "Dropped", "Pong", "Member",
+    "Resumed", "Resynced",
 ]

@@ -17,6 +17,7 @@ current, and queues typed messages for iteration. When that queue is full
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,8 @@ from relay_client.messages import (
     Member,
     Message,
     Pong,
+    Resumed,
+    Resynced,
     State,
     Welcome,
     parse,
@@ -54,12 +57,33 @@ class RelayClosed(Exception):
 
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+RESEND_BUFFER = 1024  # own moves kept for re-sending after a resume
+RESUMABLE = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # a broken link, not a verdict
 _END = object()
 
 
 class Client:
-    def __init__(self, ws: ClientConnection, welcome: Welcome, *, max_queue: int) -> None:
+    def __init__(
+        self,
+        ws: ClientConnection,
+        welcome: Welcome,
+        *,
+        max_queue: int,
+        address: str = "",
+        query: dict[str, str] | None = None,
+        auto_resume: bool = True,
+        resume_for_s: float = 10.0,
+        open_timeout: float = 10.0,
+    ) -> None:
         self.ws = ws
+        self.auto_resume = auto_resume
+        self.resume_for_s = resume_for_s
+        self.resume_token = welcome.resume_token
+        self._address = address
+        self._query = {k: v for k, v in (query or {}).items() if k not in ("resume", "offset", "epoch")}
+        self._open_timeout = open_timeout
+        self._closing = False
+        self._sent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RESEND_BUFFER)
         self.welcome = welcome
         self.actor = welcome.actor
         self.room = welcome.room
@@ -84,19 +108,19 @@ class Client:
     def send_event(self, data: Any) -> int:
         """Queue an EVENT (relayed to every other member in room order); returns its seq."""
         seq = next(self._seq)
-        self._queue_out(_pack([1, seq, data]))
+        self._queue_out(_pack([1, seq, data]), seq)
         return seq
 
     def send_state(self, key: str | int, data: Any) -> int:
         """Queue a STATE: this player's value under ``key`` (``None`` deletes it)."""
         seq = next(self._seq)
-        self._queue_out(_pack([2, seq, key, data]))
+        self._queue_out(_pack([2, seq, key, data]), seq)
         return seq
 
     def send_direct(self, to_actor: int, data: Any) -> int:
         """Queue a DIRECT to one member; returns its seq."""
         seq = next(self._seq)
-        self._queue_out(_pack([3, seq, to_actor, data]))
+        self._queue_out(_pack([3, seq, to_actor, data]), seq)
         return seq
 
     async def send_raw(self, frame: bytes) -> None:
@@ -124,9 +148,11 @@ class Client:
         if self._outgoing:
             await self._write()
 
-    def _queue_out(self, message: bytes) -> None:
+    def _queue_out(self, message: bytes, seq: int | None = None) -> None:
         if self.close_code is not None:
             raise RelayClosed(self.close_code, self.close_reason)
+        if seq is not None:
+            self._sent.append((seq, message))  # kept to re-send after a resume
         self._outgoing.append(message)
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._write())
@@ -138,7 +164,7 @@ class Client:
             try:
                 await self.ws.send(frame)
             except websockets.ConnectionClosed:
-                return  # the reader reports the close
+                return  # the reader resumes (and re-sends) or reports the close
 
     # --- receiving -------------------------------------------------------------------
 
@@ -161,9 +187,29 @@ class Client:
                 return
 
     async def _read(self) -> None:
+        try:
+            while True:
+                await self._read_connection(self.ws)
+                rcvd = self.ws.protocol.close_rcvd
+                code = rcvd.code if rcvd is not None else 1006
+                reason = rcvd.reason if rcvd is not None else ""
+                if self._closing or not self.auto_resume or code not in RESUMABLE:
+                    break
+                if not await self._resume():
+                    break
+        finally:
+            rcvd = self.ws.protocol.close_rcvd
+            self.close_code = rcvd.code if rcvd is not None else 1006
+            self.close_reason = rcvd.reason if rcvd is not None else ""
+            for future in self._pings.values():
+                if not future.done():
+                    future.set_exception(RelayClosed(self.close_code, self.close_reason))
+            await self._queue.put(_END)
+
+    async def _read_connection(self, ws: ClientConnection) -> None:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         try:
-            async for frame in self.ws:
+            async for frame in ws:
                 if isinstance(frame, str):
                     continue
                 unpacker.feed(frame)
@@ -180,14 +226,46 @@ class Client:
                     await self._queue.put(message)
         except websockets.ConnectionClosed:
             pass
-        finally:
-            rcvd = self.ws.protocol.close_rcvd
-            self.close_code = rcvd.code if rcvd is not None else 1006
-            self.close_reason = rcvd.reason if rcvd is not None else ""
-            for future in self._pings.values():
-                if not future.done():
-                    future.set_exception(RelayClosed(self.close_code, self.close_reason))
-            await self._queue.put(_END)
+
+    async def _resume(self) -> bool:
+        """Reconnect with backoff and take the seat back; False when that is not possible."""
+        me = self.members.get(self.actor)
+        query = dict(self._query, resume=self.resume_token, offset=str(self.offset), epoch=self.epoch)
+        if me is not None:
+            query["player"] = me.player
+        delay = 0.05
+        deadline = asyncio.get_running_loop().time() + self.resume_for_s
+        while asyncio.get_running_loop().time() < deadline and not self._closing:
+            try:
+                ws, welcome, rest = await _open(self._address, query, self._open_timeout)
+            except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, RelayClosed):
+                await asyncio.sleep(delay)  # backoff between reconnection attempts
+                delay = min(delay * 2, 2.0)
+                continue
+            self._take_welcome(ws, welcome)
+            for message in rest:
+                if message is not None:
+                    self._track(message)
+                    await self._queue.put(message)
+            return True
+        return False
+
+    def _take_welcome(self, ws: ClientConnection, welcome: Welcome) -> None:
+        exact = (welcome.actor, welcome.epoch, welcome.offset) == (self.actor, self.epoch, self.offset)
+        self.ws = ws
+        self.welcome = welcome
+        if not exact:  # a fresh snapshot: the state starts over from here
+            self.members = {m.actor: m for m in welcome.members}
+            self.snapshot = {a: dict(v) for a, v in welcome.snapshot.items()}
+        self.actor, self.epoch, self.offset = welcome.actor, welcome.epoch, welcome.offset
+        self.resume_token = welcome.resume_token
+        notice: Message = Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome)
+        self._queue.put_nowait(notice)
+        if welcome.last_seq is not None:  # re-send what the server had not got, in order
+            again = [frame for seq, frame in self._sent if seq > welcome.last_seq]
+            self._outgoing[:0] = again
+            if again and (self._flush_task is None or self._flush_task.done()):
+                self._flush_task = asyncio.get_running_loop().create_task(self._write())
 
     def _track(self, message: Message) -> None:
         if isinstance(message, State):
@@ -208,6 +286,7 @@ class Client:
             self.offset = max(self.offset, message.offset)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
+        self._closing = True
         await self.flush()
         await self.ws.close(code, reason)
         await asyncio.wait([self._reader], timeout=5)
@@ -224,6 +303,8 @@ async def connect(
     echo: bool = False,
     max_queue: int = 10000,
     open_timeout: float = 10.0,
+    auto_resume: bool = True,
+    resume_for_s: float = 10.0,
     **params: str,
 ) -> AsyncIterator[Client]:
     """Join ``room`` on the relay at ``url`` (``ws://host:port``); yields once WELCOME is in.
@@ -232,7 +313,8 @@ async def connect(
     """
     client = await open_client(
         url, room, player=player, name=name, token=token, echo=echo,
-        max_queue=max_queue, open_timeout=open_timeout, **params,
+        max_queue=max_queue, open_timeout=open_timeout,
+        auto_resume=auto_resume, resume_for_s=resume_for_s, **params,
     )
     try:
         yield client
@@ -250,6 +332,8 @@ async def open_client(
     echo: bool = False,
     max_queue: int = 10000,
     open_timeout: float = 10.0,
+    auto_resume: bool = True,
+    resume_for_s: float = 10.0,
     **params: str,
 ) -> Client:
     """Like :func:`connect` without the context manager; close the client yourself."""
@@ -263,6 +347,22 @@ async def open_client(
     if echo:
         query["echo"] = "1"
     address = f"{url.rstrip('/')}/ws/{quote(room, safe='')}"
+    ws, welcome, rest = await _open(address, query, open_timeout)
+    client = Client(
+        ws, welcome, max_queue=max_queue, address=address, query=query,
+        auto_resume=auto_resume, resume_for_s=resume_for_s, open_timeout=open_timeout,
+    )
+    for message in rest:  # anything batched with WELCOME comes next, in order
+        if message is not None:
+            client._track(message)
+            client._queue.put_nowait(message)
+    return client
+
+
+async def _open(
+    address: str, query: dict[str, str], open_timeout: float
+) -> tuple[ClientConnection, Welcome, list[Message | None]]:
+    """Connect and read WELCOME; RelayClosed if the server closes instead."""
     if query:
         address += "?" + urlencode(query)
     ws = await websockets.connect(address, max_size=None, open_timeout=open_timeout)
@@ -271,6 +371,9 @@ async def open_client(
     except websockets.ConnectionClosed:
         rcvd = ws.protocol.close_rcvd
         raise RelayClosed(rcvd.code if rcvd else 1006, rcvd.reason if rcvd else "") from None
+    except BaseException:
+        await ws.close()
+        raise
     if isinstance(first, str):
         await ws.close()
         raise RelayClosed(None, "server sent a text frame; is this a relay?")
@@ -281,12 +384,7 @@ async def open_client(
     if not isinstance(welcome, Welcome):
         await ws.close()
         raise RelayClosed(None, "the first message was not WELCOME")
-    client = Client(ws, welcome, max_queue=max_queue)
-    for message in messages[1:]:  # anything batched with WELCOME comes next, in order
-        if message is not None:
-            client._track(message)
-            client._queue.put_nowait(message)
-    return client
+    return ws, welcome, messages[1:]
 
 
 __all__ = [

@@ -83,7 +83,23 @@ class Pong:
     server_time_ms: int
 
 
-Message = Welcome | Event | State | Direct | Join | Leave | Error | Dropped | Pong
+@dataclass(slots=True)
+class Resumed:
+    """The connection broke and the client took its seat back: nothing was missed."""
+
+    actor: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Resynced:
+    """The connection broke and the client came back with a fresh snapshot (``welcome``):
+    members and snapshot were replaced, and messages in between were not replayed."""
+
+    welcome: Welcome
+
+
+Message = Welcome | Event | State | Direct | Join | Leave | Error | Dropped | Pong | Resumed | Resynced
 
 
 def parse(raw: Any) -> Message | None:

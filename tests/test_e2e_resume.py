@@ -1,0 +1,120 @@
+"""Resume after a broken connection (one node): same seat, every missed move, nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay_client import Event, Join, Leave, Resumed, Resynced, connect, open_client
+from tests.helpers import collect, next_of, raw_connect, raw_messages
+
+pytestmark = pytest.mark.asyncio
+
+
+def events(messages, actor=None):
+    return [m.data for m in messages if isinstance(m, Event) and (actor is None or m.actor == actor)]
+
+
+async def test_aborted_connection_resumes_with_every_missed_move_once(relay, room):
+    async with connect(relay.url, room, player="sender") as sender, connect(relay.url, room, player="flaky") as flaky:
+        actor = flaky.actor
+        for i in range(20):
+            sender.send_event(i)
+        await collect(flaky, lambda ms: events(ms) == list(range(20)))
+        flaky.ws.transport.abort()  # the network drops: no close frame
+        for i in range(20, 60):
+            sender.send_event(i)
+            if i % 10 == 0:
+                await asyncio.sleep(0.01)
+        got = await collect(flaky, lambda ms: events(ms) == list(range(20, 60)), seconds=10)
+        assert any(isinstance(m, Resumed) for m in got)
+        assert not any(isinstance(m, Resynced) for m in got)
+        assert flaky.actor == actor
+        await sender.ping()
+        seen_by_sender = []
+        while not sender._queue.empty():
+            seen_by_sender.append(sender._queue.get_nowait())
+        assert not [m for m in seen_by_sender if isinstance(m, Leave)]  # nobody saw it go...
+        assert [m.actor for m in seen_by_sender if isinstance(m, Join)] in ([], [actor])  # ...or come back
+
+
+async def test_moves_resent_after_resume_are_applied_once(relay, room):
+    async with connect(relay.url, room, player="watch") as watch, connect(relay.url, room, player="mover") as mover:
+        for i in range(30):
+            mover.send_event(i)
+        await mover.flush()
+        mover.ws.transport.abort()  # some of these may not have reached the server
+        for i in range(30, 40):
+            mover.send_event(i)  # queued while the link is down; sent after the resume
+        got = await collect(watch, lambda ms: len(events(ms)) >= 40, seconds=10)
+        await mover.ping()
+        await watch.ping()
+        while not watch._queue.empty():
+            got.append(watch._queue.get_nowait())
+        assert events(got, mover.actor) == list(range(40))
+
+
+async def test_resume_with_history_too_short_gives_a_fresh_snapshot_same_seat(relay_with, room):
+    server = relay_with(history_size=5)
+    async with connect(server.url, room, player="sender") as sender:
+        flaky = await open_client(server.url, room, player="flaky", auto_resume=False)
+        actor, token, offset, epoch = flaky.actor, flaky.resume_token, flaky.offset, flaky.epoch
+        flaky.ws.transport.abort()
+        await flaky.close()
+        for i in range(20):
+            sender.send_state("n", i)
+        await sender.ping()
+        ws = await raw_connect(server.url, room, f"?player=flaky&resume={token}&offset={offset}&epoch={epoch}")
+        try:
+            [welcome, *rest] = await raw_messages(ws)
+            assert welcome[2] == actor  # same seat
+            assert welcome[8] > offset  # a fresh snapshot at the current offset, not a replay
+            assert welcome[5][sender.actor] == {"n": 19}
+        finally:
+            await ws.close()
+
+
+async def test_resume_after_the_window_is_a_fresh_join(relay_with, room):
+    server = relay_with(resume_window_s=0.3)
+    async with connect(server.url, room, player="watch") as watch:
+        flaky = await open_client(server.url, room, player="flaky", auto_resume=False)
+        actor, token = flaky.actor, flaky.resume_token
+        flaky.ws.transport.abort()
+        await flaky.close()
+        leave = await next_of(watch, Leave)
+        assert (leave.actor, leave.code) == (actor, 1006)
+        async with connect(server.url, room, player="flaky", resume=token, offset="0", epoch="x") as again:
+            assert again.actor != actor
+            assert again.welcome.last_seq is None
+
+
+async def test_a_token_cannot_be_used_by_another_player(relay, room):
+    async with connect(relay.url, room, player="watch") as watch:
+        flaky = await open_client(relay.url, room, player="flaky", auto_resume=False)
+        token = flaky.resume_token
+        flaky.ws.transport.abort()
+        await flaky.close()
+        async with connect(relay.url, room, player="thief", resume=token) as thief:
+            assert thief.actor != flaky.actor
+            seen = await collect(watch, lambda ms: any(isinstance(m, Join) and m.player == "thief" for m in ms))
+            assert not [m for m in seen if isinstance(m, Leave)]
+            assert flaky.actor in thief.members  # the real seat is still held
+
+
+async def test_last_seq_reports_what_the_server_has(relay, room):
+    async with connect(relay.url, room, player="watch") as watch:
+        mover = await open_client(relay.url, room, player="mover", auto_resume=False)
+        for i in range(5):
+            mover.send_event(i)
+        await mover.ping()  # all five are in
+        token, offset, epoch = mover.resume_token, mover.offset, mover.epoch
+        mover.ws.transport.abort()
+        await mover.close()
+        await collect(watch, lambda ms: len(events(ms)) == 5)
+        ws = await raw_connect(relay.url, room, f"?player=mover&resume={token}&offset={offset}&epoch={epoch}")
+        try:
+            [welcome, *_] = await raw_messages(ws)
+            assert welcome[11] == 5
+        finally:
+            await ws.close()
