@@ -374,10 +374,18 @@ class Node:
             and outbox.overdue(now, self.settings.slow_client_timeout_s)
         ):
             self.kick(seat, CloseCode.SLOW_CONSUMER, "could not keep up with the room", flush=False)
-        elif self._ticker is None or self.settings.flush_ms <= 0:
-            seat.wake()
+        elif self.settings.flush_ms > 0:
+            self._to_flush.add(seat)  # the ticker wakes it
         else:
+            # Everything this event-loop iteration queues for a seat goes out as one frame.
+            if not self._to_flush:
+                asyncio.get_running_loop().call_soon(self._flush_seats)
             self._to_flush.add(seat)
+
+    def _flush_seats(self) -> None:
+        seats, self._to_flush = self._to_flush, set()
+        for seat in seats:
+            seat.wake()
 
     async def _tick(self, interval: float) -> None:
         """Wake writers on a fixed tick (``flush_ms``); also close overdue slow readers."""

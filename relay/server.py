@@ -36,6 +36,7 @@ from relay.protocol import CloseCode, Direct, ErrorCode, Event, Invalid, Ping, S
 from relay.room import event_entry, state_entry
 from relay.rules.base import Reject
 from relay.session import Session
+from relay.websocket import EXTENSION, RelayWebSocketProtocol
 
 log = logging.getLogger("relay")
 
@@ -92,6 +93,8 @@ class Connection:
         self.writer: asyncio.Task[None] | None = None
         self.seat: Seat | None = None
         self.session = Session(self.settings, time.monotonic())
+        # uvicorn's protocol with relay's fast path (relay/websocket.py), when served by it
+        self.proto: RelayWebSocketProtocol | None = scope.get("extensions", {}).get(EXTENSION)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class Connection:
             meta=params["meta"],
             echo=params["echo"],
             outbox=outbox,
-            wake=self.wakeup.set,
+            wake=self.wake,
             close=self.close,
             owner=self,
         )
@@ -168,7 +171,11 @@ class Connection:
             except RoomFull:
                 return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
         self.relay.connections.add(self)
-        self.writer = asyncio.create_task(self._write())
+        if self.proto is not None:
+            self.proto.attach(self._on_frame_guarded)
+        else:
+            self.writer = asyncio.create_task(self._write())
+        self.wake()
         leave_code = CloseCode.INTERNAL_ERROR
         try:
             leave_code = await self._read()
@@ -212,12 +219,34 @@ class Connection:
                 code = message.get("code", 1006)
                 return 1006 if code == 1005 else code  # 1005: the peer vanished without a close
 
+    def wake(self) -> None:
+        """Send what the outbox holds: right now if the socket can take it, else from a task."""
+        proto = self.proto
+        if proto is None or self.writer is not None:
+            self.wakeup.set()
+            return
+        outbox = self.seat.outbox  # type: ignore[union-attr]
+        stats = self.stats
+        while proto.writable_now():
+            frame = outbox.take()
+            if frame is None:
+                return
+            proto.send_frame_now(frame)
+            stats.frames_out += 1
+            stats.bytes_out += len(frame)
+        if not proto.disconnected and not proto.close_sent:
+            # The socket is full: a writer task waits for it to drain (uvicorn's send).
+            self.writer = asyncio.create_task(self._write(until_drained=True))
+            self.wakeup.set()
+
     def close(self, code: int, reason: str, flush: bool) -> None:
         """Close from the server side; ``flush`` sends what is queued first."""
         if self.close_code is not None:
             return
         self.close_code, self.close_reason = code, reason
-        if flush and self.writer is not None:
+        if flush and self.seat is not None:
+            if self.writer is None:
+                self.writer = asyncio.create_task(self._write())
             self.wakeup.set()
             return
         if self.writer is not None:
@@ -244,7 +273,11 @@ class Connection:
         elif not writer.cancelled() and writer.exception() is not None:
             log.debug("writer ended with %r", writer.exception())
 
-    async def _write(self) -> None:
+    async def _write(self, until_drained: bool = False) -> None:
+        """Send through ASGI, waiting for the socket: the slow path, and the close.
+
+        ``until_drained``: hand back to the fast path once the outbox is empty.
+        """
         take = self.seat.outbox.take  # type: ignore[union-attr]
         send = self.send
         stats = self.stats
@@ -262,10 +295,23 @@ class Connection:
                         {"type": "websocket.close", "code": self.close_code, "reason": self.close_reason}
                     )
                     return
+                if until_drained:
+                    self.writer = None
+                    return
         except (OSError, RuntimeError):
             return  # the peer is gone; the reader will see the disconnect
 
     # --- the hot path ----------------------------------------------------------------
+
+    def _on_frame_guarded(self, frame: bytes) -> None:
+        """The fast path calls this from uvicorn's data_received: nothing may escape."""
+        if self.close_code is not None:
+            return
+        try:
+            self._on_frame(frame)
+        except Exception:
+            log.exception("frame from %s failed", self.seat.room.name if self.seat else "?")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
 
     def _on_frame(self, frame: bytes) -> None:
         stats = self.stats

@@ -1,0 +1,251 @@
+"""The connections under the Redis backplane: commands, scripts and subscriptions.
+
+One :class:`RedisLink` hides whether the URL names one Redis server or a Redis
+Cluster (found out with ``INFO cluster``): commands go through redis-py's
+client (pipelined; in a Cluster, one pipeline per shard, sent in parallel), and
+each room channel is read by a :class:`Subscriber`, one dedicated connection
+per Redis server (in a Cluster, per shard that owns a subscribed room).
+
+The subscriber is ours rather than redis-py's ``PubSub`` for two reasons: a
+subscription must be confirmed before a player's JOIN is sequenced (redis-py's
+``subscribe()`` only sends the command), and a cut connection must be reported,
+not silently re-established, because Redis pub/sub loses what is published
+while a subscriber is away: the backplane has to know, to repair the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("relay.redis")
+
+# What a lost Redis connection or a Redis that does not answer looks like.
+FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class Subscriber:
+    """One pub/sub connection, read by its own task; reports messages and its end."""
+
+    def __init__(
+        self,
+        conn: Any,
+        *,
+        sharded: bool,
+        on_message: Callable[[bytes, bytes], None],
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        self.conn = conn
+        self.sharded = sharded
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._pongs: deque[asyncio.Future[None]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self.lost = False
+
+    async def start(self) -> None:
+        await self.conn.connect()
+        self._reader = asyncio.create_task(self._read())
+
+    async def subscribe(self, channel: bytes, timeout: float) -> None:
+        """Subscribe and wait until Redis confirms: from then on nothing published is missed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirm[channel].append(future)
+        await self.conn.send_command("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
+        await asyncio.wait_for(future, timeout)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        if not self.lost:
+            await self.conn.send_command("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
+
+    async def ping(self, timeout: float) -> None:
+        """A round trip on the subscription itself: a half-open connection shows up here."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)
+        await self.conn.send_command("PING")
+        await asyncio.wait_for(future, timeout)
+
+    async def close(self) -> None:
+        self.lost = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        with contextlib.suppress(*FAILURES):
+            await self.conn.disconnect()
+
+    async def _read(self) -> None:
+        conn = self.conn
+        on_message = self.on_message
+        try:
+            while True:
+                reply = await conn.read_response(timeout=math.inf, push_request=True)
+                kind = reply[0]
+                if kind == b"smessage" or kind == b"message":
+                    on_message(reply[1], reply[2])
+                elif kind == b"ssubscribe" or kind == b"subscribe":
+                    waiting = self._confirm.get(reply[1])
+                    if waiting:
+                        future = waiting.popleft()
+                        if not future.done():
+                            future.set_result(None)
+                elif kind == b"pong" and self._pongs:
+                    future = self._pongs.popleft()
+                    if not future.done():
+                        future.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # any end of the stream is a cut subscription
+            self._fail(exc)
+            self.on_lost(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = True
+        error = ConnectionError(f"subscription lost: {exc!r}")
+        for waiting in self._confirm.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+        for future in self._pongs:
+            if not future.done():
+                future.set_exception(error)
+        self._confirm.clear()
+        self._pongs.clear()
+
+
+class RedisLink:
+    """Redis or Redis Cluster: a command client, the scripts, and the subscribers."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        on_message: Callable[[bytes, bytes], None],
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.client: Any = None
+        self.sharded = False
+        self._scripts: dict[str, str] = {}  # sha -> source
+        self._subscribers: dict[str, Subscriber] = {}  # by server name
+
+    def _options(self) -> dict[str, Any]:
+        # No retries inside redis-py: a retried pipeline could apply a batch twice
+        # unseen, and waiting out its backoff would hide that Redis is gone. The
+        # backplane retries itself, knowing what each command did.
+        return {
+            "retry": Retry(NoBackoff(), 0),
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "socket_keepalive": True,
+        }
+
+    async def connect(self) -> None:
+        """Connect (again): find out whether this is a Cluster, check it answers, load scripts."""
+        await self.close()
+        probe = aioredis.Redis.from_url(self.url, **self._options())
+        try:
+            info = await probe.info("cluster")
+        finally:
+            await probe.aclose()
+        self.sharded = bool(info.get("cluster_enabled"))
+        if self.sharded:
+            self.client = RedisCluster.from_url(self.url, **self._options())
+            await self.client.initialize()
+        else:
+            self.client = aioredis.Redis.from_url(self.url, **self._options())
+            await self.client.ping()
+        await self.load_scripts()
+
+    def script(self, source: str) -> str:
+        """Register a script; its SHA1 for :meth:`evalsha`."""
+        import hashlib
+
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        self._scripts[sha] = source
+        return sha
+
+    async def load_scripts(self) -> None:
+        """(Re)load every script (a restarted Redis has an empty script cache)."""
+        for source in self._scripts.values():
+            await self.client.script_load(source)  # in a Cluster: on every primary
+
+    def pipeline(self) -> Any:
+        return self.client.pipeline(transaction=False)
+
+    @staticmethod
+    def evalsha(pipe: Any, sha: str, key: str, args: list[Any]) -> None:
+        # execute_command, since redis-py's ClusterPipeline refuses pipe.evalsha();
+        # the key routes it to the room's shard.
+        pipe.execute_command("EVALSHA", sha, 1, key, *args)
+
+    def publish(self, pipe: Any, channel: bytes, payload: bytes) -> None:
+        pipe.execute_command("SPUBLISH" if self.sharded else "PUBLISH", channel, payload)
+
+    async def subscribe(self, channel: bytes) -> None:
+        subscriber = await self._subscriber_for(channel)
+        await subscriber.subscribe(channel, self.timeout)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        subscriber = self._subscribers.get(self._server_of(channel))
+        if subscriber is not None and not subscriber.lost:
+            with contextlib.suppress(*FAILURES):
+                await subscriber.unsubscribe(channel)
+
+    async def ping_subscribers(self) -> None:
+        await asyncio.gather(*(s.ping(self.timeout) for s in list(self._subscribers.values())))
+
+    def subscribers_up(self) -> bool:
+        return not any(s.lost for s in self._subscribers.values())
+
+    async def close_subscribers(self) -> None:
+        subscribers, self._subscribers = list(self._subscribers.values()), {}
+        for subscriber in subscribers:
+            await subscriber.close()
+
+    async def close(self) -> None:
+        await self.close_subscribers()
+        if self.client is not None:
+            client, self.client = self.client, None
+            with contextlib.suppress(*FAILURES):
+                await client.aclose()
+
+    def _server_of(self, channel: bytes) -> str:
+        if not self.sharded:
+            return ""
+        return str(self.client.get_node_from_key(channel).name)
+
+    async def _subscriber_for(self, channel: bytes) -> Subscriber:
+        server = self._server_of(channel)
+        subscriber = self._subscribers.get(server)
+        if subscriber is not None and not subscriber.lost:
+            return subscriber
+        if self.sharded:
+            node = self.client.get_node_from_key(channel)
+            conn = node.connection_class(**node.connection_kwargs)
+        else:
+            conn = self.client.connection_pool.make_connection()
+        subscriber = Subscriber(conn, sharded=self.sharded, on_message=self.on_message, on_lost=self.on_lost)
+        self._subscribers[server] = subscriber
+        try:
+            await asyncio.wait_for(subscriber.start(), self.timeout)
+        except BaseException:
+            subscriber.lost = True
+            raise
+        return subscriber
