@@ -24,8 +24,17 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "TCP port to listen on")
     workers: int = _setting(1, "worker processes on one port (more than 1 needs --redis)")
-    redis: str = _setting("", "Redis URL for the multi-process backplane (reserved: not yet)")
+    redis: str = _setting(
+        "", "Redis URL (redis://, rediss://; a Cluster is detected) for the multi-process backplane"
+    )
     redis_prefix: str = _setting("relay", "namespace for every Redis key and channel")
+    redis_timeout_s: float = _setting(2.0, "Redis connect and command timeout; past it Redis counts as down")
+    redis_history: int = _setting(
+        128, "recent batches kept per room in Redis, to repair a cut subscription without closing clients"
+    )
+    node_ttl_s: float = _setting(
+        10.0, "a node silent this long (dead) has its players removed from rooms by the others (LEAVE 1006)"
+    )
     secret: str = _setting("", "token secret: when set, players need a signed token (JWT HS256)")
     allowed_origins: str = _setting("*", "comma-separated browser origins allowed to connect, or *")
     rules: str = _setting(
@@ -70,6 +79,8 @@ class Settings:
                      "outbox_hard_bytes", "max_out_frame_bytes", "max_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0")
+        if self.redis_timeout_s <= 0 or self.node_ttl_s <= 0:
+            raise ValueError("redis_timeout_s and node_ttl_s must be greater than 0")
         if self.burst_bytes < self.max_frame_bytes:
             raise ValueError("burst_bytes must be at least max_frame_bytes, or big frames never pass")
 

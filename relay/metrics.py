@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from relay.protocol import MsgType
 
@@ -50,12 +50,69 @@ class Stats:
             out[entry.kind] += recipients
 
 
+class BackplaneStats:
+    """The Redis backplane's counters: round trips, batches, errors (plain integers)."""
+
+    # Upper bounds (seconds) of the round-trip histogram's buckets.
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+    def __init__(self) -> None:
+        self.round_trips = 0
+        self.round_trip_seconds = 0.0
+        self.round_trip_buckets = [0] * (len(self.BUCKETS) + 1)
+        self.operations = 0  # script calls and commands sent, all rooms
+        self.batches = 0  # batches of moves sequenced (one script call each)
+        self.entries = 0  # moves in those batches
+        self.errors: Counter[str] = Counter()
+        self.resyncs = 0  # rooms whose local seats were closed to start again
+        self.repairs = 0  # rooms checked against Redis after a cut or a gap
+        self.connects = 0
+        self.reaped = 0  # players of dead nodes removed
+
+    def round_trip(self, seconds: float, operations: int) -> None:
+        self.round_trips += 1
+        self.round_trip_seconds += seconds
+        self.operations += operations
+        i = 0
+        for bound in self.BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.round_trip_buckets[i] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        buckets, total = [], 0
+        for bound, n in zip((*map(str, self.BUCKETS), "+Inf"), self.round_trip_buckets):
+            total += n
+            buckets.append((bound, total))
+        yield HistogramMetricFamily(
+            "relay_backplane_round_trip_seconds",
+            "time of one pipelined round trip to Redis (many rooms' batches)",
+            buckets=buckets,
+            sum_value=self.round_trip_seconds,
+        )
+        yield _counter("relay_backplane_operations", "room operations sent to Redis", self.operations)
+        yield _counter("relay_backplane_batches", "batches of moves sequenced in Redis", self.batches)
+        yield _counter("relay_backplane_batched_moves", "moves in those batches", self.entries)
+        m = CounterMetricFamily("relay_backplane_errors", "backplane errors, by kind", labels=["kind"])
+        for kind, n in sorted(self.errors.items()):
+            m.add_metric([kind], n)
+        yield m
+        yield _counter("relay_backplane_resyncs", "rooms resynchronised (local seats closed)", self.resyncs)
+        yield _counter("relay_backplane_repairs", "rooms checked against Redis after a cut", self.repairs)
+        yield _counter("relay_backplane_connects", "(re)connections to Redis", self.connects)
+        yield _counter("relay_backplane_reaped", "players of dead nodes removed", self.reaped)
+
+
 class RelayCollector:
     """Reads :class:`Stats` and live gauges at scrape time."""
 
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self, stats: Stats, gauges: Callable[[], dict[str, float]], backplane: BackplaneStats | None = None
+    ) -> None:
         self.stats = stats
         self.gauges = gauges
+        self.backplane = backplane
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -87,15 +144,19 @@ class RelayCollector:
         )
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)
+        if self.backplane is not None:
+            yield from self.backplane.collect()
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def registry(stats: Stats, gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
+def registry(
+    stats: Stats, gauges: Callable[[], dict[str, float]], backplane: BackplaneStats | None = None
+) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RelayCollector(stats, gauges))  # type: ignore[arg-type]
+    reg.register(RelayCollector(stats, gauges, backplane))  # type: ignore[arg-type]
     return reg
 
 

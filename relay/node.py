@@ -25,7 +25,7 @@ from relay.backplane.base import Backplane, Joined
 from relay.config import Settings
 from relay.metrics import Stats
 from relay.outbox import Batch, Outbox
-from relay.protocol import CloseCode, MsgType
+from relay.protocol import CloseCode, ErrorCode, MsgType
 from relay.room import Entry, Member, RoomState
 from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
 
@@ -100,7 +100,12 @@ class Node:
         room = seat.room
         if room.name not in self.rooms:
             self.rooms[room.name] = room
-            await self.backplane.subscribe(room.name)
+            try:
+                await self.backplane.subscribe(room.name)
+            except BaseException:
+                if not room.seats and not room.joining and self.rooms.get(room.name) is room:
+                    del self.rooms[room.name]
+                raise
         room = seat.room = self.rooms[room.name]
         self._publish_room(room)  # moves already read come before this JOIN
         room.joining.append(seat)
@@ -233,8 +238,15 @@ class Node:
 
     # --- moves in --------------------------------------------------------------------
 
-    def submit(self, seat: Seat, entry: Entry) -> None:
-        """Queue a move for the room order; published at the end of this loop iteration."""
+    def submit(self, seat: Seat, entry: Entry, seq: int | None = None) -> None:
+        """Queue a move for the room order; published at the end of this loop iteration.
+
+        While the backplane is unavailable (Redis down) the move is refused with
+        ERROR ``unavailable`` instead: never taken and then silently lost.
+        """
+        if not self.backplane.ready():
+            self._unavailable(seat, seq if seq is not None else _seq_of(entry))
+            return
         room = seat.room
         if not room.pending:
             self._to_publish.append(room)
@@ -248,8 +260,16 @@ class Node:
         state = seat.room.state
         if state is None or to_actor not in state.members:
             return False
+        if not self.backplane.ready():
+            self._unavailable(seat, seq)
+            return True
         self.backplane.direct(seat.room.name, to_actor, protocol.direct(seat.actor, seq, data))
         return True
+
+    def _unavailable(self, seat: Seat, seq: int | None) -> None:
+        self.stats.errors[ErrorCode.UNAVAILABLE.value] += 1
+        why = "the relay cannot reach its backplane right now; the move was not relayed"
+        self.reply(seat, protocol.error(seq, ErrorCode.UNAVAILABLE, why))
 
     def _publish_all(self) -> None:
         self._publish_scheduled = False
@@ -303,6 +323,18 @@ class Node:
                 if own:
                     self._push(seat, Batch(b"".join(e.wire for e in own), own), now)
         self.stats.count_out(entries, len(seats))
+
+    def resync(self, room_name: str) -> None:
+        """The backplane lost part of this room's order: close its seats here (1011), so
+        that their clients rejoin with a fresh snapshot, and forget the room's mirror."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        room.state = None
+        room.rules = room.view = None
+        seats, room.seats = list(room.seats.values()), {}
+        for seat in seats:
+            self.kick(seat, CloseCode.INTERNAL_ERROR, "room resynchronising; rejoin", flush=True)
 
     def deliver_direct(self, room_name: str, to_actor: int, wire: bytes) -> None:
         room = self.rooms.get(room_name)
@@ -430,6 +462,22 @@ class Node:
 
 def _nothing(*args: Any) -> None:
     pass
+
+
+def _seq_of(entry: Entry) -> int | None:
+    """An EVENT's seq, read back from its head ([1, actor, seq, data]); None otherwise."""
+    if entry.kind is not MsgType.EVENT:
+        return None
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(entry.head[:20])  # type, actor and seq fit in 20 bytes
+    try:
+        unpacker.read_array_header()
+        unpacker.skip()
+        unpacker.skip()
+        seq = unpacker.unpack()
+    except (msgpack.OutOfData, ValueError):
+        return None
+    return seq if type(seq) is int else None
 
 
 def _decode(raw: bytes) -> Any:

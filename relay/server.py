@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from relay import auth, protocol
-from relay.backplane.base import Backplane, RoomFull
+from relay.backplane.base import Backplane, RoomFull, Unavailable
 from relay.backplane.memory import MemoryBackplane
 from relay.config import Settings
 from relay.metrics import Stats, registry, render
@@ -87,7 +87,7 @@ class Connection:
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.wakeup = asyncio.Event()
+        self._wakeup: asyncio.Event | None = None  # made when a writer task first needs it
         self.close_code: int | None = None
         self.close_reason = ""
         self.writer: asyncio.Task[None] | None = None
@@ -100,6 +100,7 @@ class Connection:
 
     async def run(self) -> None:
         await self.send({"type": "websocket.accept"})
+        self.scope["headers"] = ()  # read already (origin); not kept for the connection's life
         self.stats.connections_total += 1
         if self.relay.closing:
             return await self._close_now(CloseCode.GOING_AWAY, "server shutting down")
@@ -170,6 +171,8 @@ class Connection:
                 await self.relay.node.join(seat)
             except RoomFull:
                 return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
+            except Unavailable:
+                return await self._close_now(CloseCode.AT_CAPACITY, "the backplane is unavailable; try again later")
         self.relay.connections.add(self)
         if self.proto is not None:
             self.proto.attach(self._on_frame_guarded)
@@ -219,11 +222,16 @@ class Connection:
                 code = message.get("code", 1006)
                 return 1006 if code == 1005 else code  # 1005: the peer vanished without a close
 
+    def wakeup(self) -> asyncio.Event:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
     def wake(self) -> None:
         """Send what the outbox holds: right now if the socket can take it, else from a task."""
         proto = self.proto
         if proto is None or self.writer is not None:
-            self.wakeup.set()
+            self.wakeup().set()
             return
         outbox = self.seat.outbox  # type: ignore[union-attr]
         stats = self.stats
@@ -237,7 +245,7 @@ class Connection:
         if not proto.disconnected and not proto.close_sent:
             # The socket is full: a writer task waits for it to drain (uvicorn's send).
             self.writer = asyncio.create_task(self._write(until_drained=True))
-            self.wakeup.set()
+            self.wakeup().set()
 
     def close(self, code: int, reason: str, flush: bool) -> None:
         """Close from the server side; ``flush`` sends what is queued first."""
@@ -247,7 +255,7 @@ class Connection:
         if flush and self.seat is not None:
             if self.writer is None:
                 self.writer = asyncio.create_task(self._write())
-            self.wakeup.set()
+            self.wakeup().set()
             return
         if self.writer is not None:
             self.writer.cancel()
@@ -265,7 +273,7 @@ class Connection:
         if writer is None:
             return
         if not writer.done():
-            self.wakeup.set()
+            self.wakeup().set()
             try:
                 await asyncio.wait_for(writer, self.settings.shutdown_timeout_s)
             except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -281,7 +289,7 @@ class Connection:
         take = self.seat.outbox.take  # type: ignore[union-attr]
         send = self.send
         stats = self.stats
-        wakeup = self.wakeup
+        wakeup = self.wakeup()
         try:
             while True:
                 await wakeup.wait()
@@ -471,8 +479,12 @@ RUNNING: set[Relay] = set()
 
 def create_app(settings: Settings | None = None, backplane: Backplane | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    if backplane is None and settings.redis:
+        from relay.backplane.redis import RedisBackplane  # imports redis only when a URL is given
+
+        backplane = RedisBackplane(settings)
     relay = Relay(settings, backplane)
-    metrics_registry = registry(relay.stats, relay.gauges)
+    metrics_registry = registry(relay.stats, relay.gauges, getattr(relay.node.backplane, "stats", None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -491,7 +503,6 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
 
     app = FastAPI(title="relay", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.relay = relay
-    app.router.add_websocket_route("/ws/{room}", WebSocketEndpoint(relay))
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -504,12 +515,18 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
 
     @app.get("/rooms")
     async def rooms() -> Response:
-        counts = await relay.node.backplane.rooms()
+        try:
+            counts = await relay.node.backplane.rooms()  # every node's rooms, with Redis
+        except Unavailable as exc:
+            return json({"error": str(exc)}, 503)
         return json({"rooms": [{"room": r, "members": n} for r, n in sorted(counts.items())]})
 
     @app.get("/rooms/{room}")
     async def room(room: str) -> Response:
-        state = await relay.node.backplane.room(room)
+        try:
+            state = await relay.node.backplane.room(room)
+        except Unavailable as exc:
+            return json({"error": str(exc)}, 503)
         if state is None:
             return json({"error": f"no room {room!r}"}, 404)
         return json(
@@ -545,4 +562,25 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
             return Response(body, media_type="text/javascript")
 
     app.mount("/static", StaticFiles(directory=str(static), check_dir=False), name="static")
-    return app
+    return RelayApp(app, WebSocketEndpoint(relay))  # type: ignore[return-value]
+
+
+class RelayApp:
+    """Sends ``/ws/{room}`` straight to the relay, everything else to FastAPI.
+
+    A WebSocket lives for the whole game, and every coroutine frame between
+    uvicorn and the endpoint (Starlette's middleware and router) stays in
+    memory for as long: going around them saves several KiB per connection.
+    """
+
+    def __init__(self, app: FastAPI, endpoint: WebSocketEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"].startswith("/ws/"):
+            scope["path_params"] = {"room": scope["path"][4:]}
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -49,6 +49,9 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        # websockets' parser keeps the Request for the connection's life; its headers
+        # were copied into the scope already.
+        event.headers.clear()
         scope = getattr(self, "scope", None)
         if scope is not None:  # the app task has been created but has not run yet
             scope["extensions"][EXTENSION] = self
@@ -98,6 +101,12 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.abort()
 
     async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.accept":
+            await super().send(message)
+            # The handshake is done: its request and response would otherwise stay in
+            # memory for the connection's whole life (about 2 KiB of headers).
+            self.request = self.response = None  # type: ignore[assignment]
+            return
         if message["type"] == "websocket.close" and self.handshake_complete:
             if not self.close_sent and not self.disconnected:
                 # Bypass the wait for a writable socket: the close frame joins the

@@ -1,5 +1,5 @@
 """Backplanes: where a room's order is made and how it reaches every node."""
 
-from relay.backplane.base import Backplane, Joined, Receiver, RoomFull
+from relay.backplane.base import Backplane, Joined, Receiver, RoomFull, Unavailable
 
-__all__ = ["Backplane", "Joined", "Receiver", "RoomFull"]
+__all__ = ["Backplane", "Joined", "Receiver", "RoomFull", "Unavailable"]

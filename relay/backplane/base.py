@@ -11,7 +11,11 @@ once for every implementation:
   snapshot at an exact offset that includes the new member's JOIN; the joining
   node must already be subscribed, so it receives every entry after it.
 * Delivery: at most once between nodes. A node that detects a gap in a room's
-  offsets resynchronises that room (the Redis backplane's job).
+  offsets repairs it, or else resynchronises that room: :meth:`Receiver.resync`
+  (the Redis backplane's job).
+* Availability: while :meth:`Backplane.ready` is false, nothing new is taken
+  (joins raise :class:`Unavailable`; the node refuses moves), and nothing
+  already taken is dropped silently.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from relay.room import Entry, Member, RoomState
 
 class RoomFull(Exception):
     """The room already has ``max_players_per_room`` members."""
+
+
+class Unavailable(Exception):
+    """The backplane cannot reach the rooms' store now (Redis is down); try again later."""
 
 
 @dataclass(slots=True)
@@ -42,6 +50,10 @@ class Receiver(Protocol):
 
     def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None: ...
 
+    def resync(self, room: str) -> None:
+        """This node lost part of the room's order and could not repair it: its seats
+        there must start again from a fresh snapshot (their clients are closed and rejoin)."""
+
 
 class Backplane(Protocol):
     name: str
@@ -58,7 +70,7 @@ class Backplane(Protocol):
     async def join(
         self, room: str, player: str, meta: dict[str, Any], *, max_players: int
     ) -> Joined:
-        """Seat a player: a new actor and a JOIN in the room order; may raise RoomFull.
+        """Seat a player: a new actor and a JOIN in the room order; may raise RoomFull or Unavailable.
 
         If the same player is already seated, its old seat first gets LEAVE with
         close code 4409; the node holding that connection closes it.

@@ -1,12 +1,24 @@
 // The grid arena: each player is a marker on a 20 x 15 board. A player's cell
-// is its STATE "pos" = [x, y]; a boom is the EVENT {t: "boom", x, y}. Every
-// marker on screen is drawn from the client's snapshot, so what you see is
-// what the room holds. Markers carry data-actor / data-x / data-y for tests.
+// is its STATE "pos" = [x, y]; a boom is the EVENT {t: "boom", x, y}.
+//
+// The relay enforces the grid rules (relay/rules/grid.py): a player appears on
+// any free cell, then moves one step at a time (up, down, left, right) and never
+// onto another player; a move against them is answered with ERROR "rejected" and
+// not relayed. So a click sets a target the marker walks to, one step per STEP_MS
+// along a path around the other players, and the page keeps one move in flight:
+// it joins with echo, so its own STATE comes back in room order and confirms the
+// move, or an ERROR refuses it and the marker goes back to the last confirmed cell.
+//
+// Every marker is drawn from the client's snapshot, so what you see is what the
+// room holds; only our own marker may stand one step ahead, on the move in flight
+// (data-pending). Markers carry data-actor / data-x / data-y for tests.
 
 import { RelayClient } from '/client.js';
 
 const COLS = 20;
 const ROWS = 15;
+const STEP_MS = 70; // the walking pace: at most one step per STEP_MS
+const PLACE_TRIES = 5; // cells tried on joining when the relay refuses one (a race)
 const MOVES = {
   ArrowLeft: [-1, 0],
   ArrowRight: [1, 0],
@@ -17,6 +29,14 @@ const MOVES = {
   w: [0, -1],
   s: [0, 1],
 };
+const NEIGHBOURS = [
+  [1, 0],
+  [-1, 0],
+  [0, 1],
+  [0, -1],
+];
+
+/** @typedef {[number, number]} Cell */
 
 const params = new URLSearchParams(location.search);
 const room = params.get('room') || 'grid:lobby';
@@ -30,24 +50,37 @@ document.title = `${name} · ${room} · relay`;
 
 let client;
 try {
-  client = new RelayClient({ room, name });
+  // echo: our own STATE and EVENT come back in room order, which confirms a move.
+  client = new RelayClient({ room, name, echo: true });
 } catch (err) {
   setStatus('closed', String(err.message ?? err));
   throw err;
 }
 let resyncs = 0;
 
-/** This player's cell, as last sent; null until placed. @type {[number, number]|null} */
+/** Our last cell the relay confirmed; kept across reconnects to rejoin there. @type {Cell|null} */
 let mine = null;
+/** The one move in flight: its seq (an ERROR names it) and cell. @type {{seq: number, cell: Cell}|null} */
+let pending = null;
+/** Where a click or a key asked to go; null when not walking. @type {Cell|null} */
+let target = null;
+let lastStepAt = -Infinity;
+/** @type {ReturnType<typeof setTimeout>|undefined} */
+let stepTimer;
+let placeTries = 0;
 
 client.on('welcome', () => {
   setStatus('open', 'connected');
+  halt();
+  pending = null;
+  placeTries = 0;
   // A fresh join holds no position of ours: keep the old cell if it is free,
-  // otherwise take a free one, so two players never start on one cell.
-  const held = client.snapshot.get(client.actor)?.pos;
-  const wanted = held ?? mine;
-  place(wanted && !occupied(wanted[0], wanted[1]) ? wanted : freeCell());
+  // otherwise take a free one (the relay refuses a taken one anyway).
+  const held = confirmed();
+  if (held) mine = held;
+  else place(mine && !occupied(mine) ? mine : freeCell());
   renderMembers();
+  render();
   measure();
   log(`joined ${room} as actor ${client.actor}`);
 });
@@ -58,14 +91,17 @@ client.on('resynced', ({ actor, previousActor }) => {
 });
 client.on('state', ({ from, key, data }) => {
   if (key !== 'pos') return;
-  // Two players who joined at the same instant can pick the same cell: the newer one moves.
-  if (mine && isCell(data) && from < client.actor && data[0] === mine[0] && data[1] === mine[1]) {
-    place(freeCell());
+  if (from === client.actor) {
+    // Our move came back in room order: the relay took it. One is in flight at a
+    // time, so this is the pending one; walk on.
+    pending = null;
+    if (isCell(data)) mine = data;
+    schedule();
   }
   render();
 });
 client.on('event', ({ from, data }) => {
-  if (data?.t === 'boom') ring(from, data.x, data.y);
+  if (data?.t === 'boom') ring(from, data.x, data.y); // ours too: echo sends it back
 });
 client.on('join', (m) => {
   log(`${label(m)} joined`);
@@ -79,10 +115,32 @@ client.on('leave', (m) => {
 client.on('dropped', ({ total }) => {
   $('dropped').textContent = String(total);
 });
-client.on('error', ({ code, message }) => log(`error ${code}: ${message}`));
+client.on('error', ({ seq, code, message }) => {
+  if (!pending || seq !== pending.seq) {
+    log(`error ${code}: ${message}`);
+    return;
+  }
+  // The move in flight was refused (code "rejected": against the grid rules) and
+  // not relayed: the relay still has us on the last confirmed cell.
+  const refused = pending.cell;
+  pending = null;
+  log(`move to ${fmt(refused)} refused (${code}): ${message}`);
+  if (!confirmed()) {
+    // Not on the board yet: another player took that cell a moment before us.
+    if (++placeTries < PLACE_TRIES && client.status === 'open') place(freeCell(refused));
+    else log('no free cell was accepted; reload to try again');
+    return;
+  }
+  halt();
+  render();
+  flash();
+});
 let lastClose = 0;
 client.on('close', ({ code, reason, willReconnect }) => {
   lastClose = code;
+  halt();
+  pending = null; // whatever was in flight went into the break
+  render();
   log(`connection closed: ${code}${reason ? ` ${reason}` : ''}`);
   if (!willReconnect) setStatus('closed', `closed: ${code}${reason ? ` ${reason}` : ''}`);
 });
@@ -91,9 +149,9 @@ client.on('reconnecting', ({ attempt }) => {
 });
 client.ready.catch(() => {}); // the 'close' callback has shown why
 
-// --- moves ------------------------------------------------------------------------
+// --- the board ----------------------------------------------------------------------
 
-/** A position another player sent is drawn only if it is a cell of this board. */
+/** A position is drawn or walked to only if it is a cell of this board. */
 function isCell(/** @type {any} */ pos) {
   return (
     Array.isArray(pos) &&
@@ -106,22 +164,31 @@ function isCell(/** @type {any} */ pos) {
   );
 }
 
-/** Everyone's cells but ours, as the room holds them. */
+const same = (/** @type {Cell} */ a, /** @type {Cell} */ b) => a[0] === b[0] && a[1] === b[1];
+const fmt = (/** @type {Cell} */ c) => `${c[0]},${c[1]}`;
+
+/** Our cell as the relay has it (from our own STATE, echoed back), or null. @returns {Cell|null} */
+function confirmed() {
+  const pos = client.actor === null ? null : client.snapshot.get(client.actor)?.pos;
+  return isCell(pos) ? pos : null;
+}
+
+/** Everyone's cells but ours, as the room holds them: "x,y" -> actor. */
 function others() {
   const cells = new Map();
   for (const [actor, values] of client.snapshot) {
-    if (actor !== client.actor && isCell(values.pos)) {
-      cells.set(`${values.pos[0]},${values.pos[1]}`, actor);
-    }
+    if (actor !== client.actor && isCell(values.pos)) cells.set(fmt(values.pos), actor);
   }
   return cells;
 }
 
-const occupied = (/** @type {number} */ x, /** @type {number} */ y) => others().has(`${x},${y}`);
+const occupied = (/** @type {Cell} */ cell) => others().has(fmt(cell));
 
-/** A random free cell (the board has room for far more than a room's members). */
-function freeCell() {
+/** A random free cell, other than `avoid` (the board has room for far more than a room's members). */
+function freeCell(/** @type {Cell|null} */ avoid = null) {
   const taken = others();
+  if (avoid) taken.set(fmt(avoid), -1);
+  /** @type {Cell[]} */
   const free = [];
   for (let y = 0; y < ROWS; y++) {
     for (let x = 0; x < COLS; x++) if (!taken.has(`${x},${y}`)) free.push([x, y]);
@@ -129,23 +196,99 @@ function freeCell() {
   return free[Math.floor(Math.random() * free.length)];
 }
 
-function place(/** @type {[number, number]} */ cell) {
-  mine = cell;
-  client.sendState('pos', cell);
+/**
+ * The first step of a shortest path from `from` to `to` around the other players
+ * (breadth-first over the board), or null when they wall it off.
+ * @param {Cell} from @param {Cell} to @returns {Cell|null}
+ */
+function firstStep(from, to) {
+  const taken = others();
+  /** @type {Map<string, Cell>} cell -> the cell it was reached from */
+  const came = new Map([[fmt(from), from]]);
+  /** @type {Cell[]} */
+  const queue = [from];
+  for (let i = 0; i < queue.length; i++) {
+    const here = queue[i];
+    if (same(here, to)) {
+      let cell = here; // walk the path back to the cell next to `from`
+      for (let back = came.get(fmt(cell)); back && !same(back, from); back = came.get(fmt(cell)))
+        cell = back;
+      return cell;
+    }
+    for (const [dx, dy] of NEIGHBOURS) {
+      /** @type {Cell} */
+      const next = [here[0] + dx, here[1] + dy];
+      if (!isCell(next) || came.has(fmt(next)) || taken.has(fmt(next))) continue;
+      came.set(fmt(next), here);
+      queue.push(next);
+    }
+  }
+  return null;
+}
+
+// --- moves --------------------------------------------------------------------------
+
+/** Send a move to `cell` and show it as in flight until the relay answers. */
+function send(/** @type {Cell} */ cell) {
+  pending = { seq: client.sendState('pos', cell), cell };
+  lastStepAt = performance.now();
   render();
 }
 
-function moveTo(/** @type {number} */ x, /** @type {number} */ y) {
-  if (client.status !== 'open' || !mine) return;
-  if (x < 0 || y < 0 || x >= COLS || y >= ROWS || occupied(x, y)) return;
-  place([x, y]);
+/** Appear on a cell: the first position may be any free one. */
+function place(/** @type {Cell} */ cell) {
+  send(cell);
+}
+
+/** Walk to `cell` (a click), or take one step (a key: quiet about walls and players). */
+function goTo(/** @type {Cell} */ cell, quiet = false) {
+  if (client.status !== 'open' || !confirmed() || !isCell(cell)) return;
+  if (occupied(cell)) {
+    if (!quiet) log(`${fmt(cell)} is taken`);
+    return;
+  }
+  target = cell;
+  schedule();
+  renderCell();
+}
+
+/** Stop walking. */
+function halt() {
+  target = null;
+  clearTimeout(stepTimer);
+  stepTimer = undefined;
+  renderCell();
+}
+
+/** Take the next step when the last is confirmed and STEP_MS has passed since it was sent. */
+function schedule() {
+  clearTimeout(stepTimer);
+  stepTimer = undefined;
+  if (!target || pending) return;
+  stepTimer = setTimeout(walk, Math.max(0, lastStepAt + STEP_MS - performance.now()));
+}
+
+function walk() {
+  stepTimer = undefined;
+  const here = confirmed();
+  if (!target || pending || client.status !== 'open' || !here) return;
+  if (same(here, target)) return halt();
+  if (occupied(target)) {
+    log(`${fmt(target)} was taken: stopped at ${fmt(here)}`);
+    return halt();
+  }
+  const next = firstStep(here, target);
+  if (!next) {
+    log(`no way to ${fmt(target)}: stopped at ${fmt(here)}`);
+    return halt();
+  }
+  send(next);
 }
 
 function boom() {
-  if (client.status !== 'open' || !mine) return;
-  const [x, y] = mine;
-  client.sendEvent({ t: 'boom', x, y });
-  ring(client.actor, x, y); // without echo our own events do not come back
+  const here = confirmed();
+  if (client.status !== 'open' || !here) return;
+  client.sendEvent({ t: 'boom', x: here[0], y: here[1] });
 }
 
 window.addEventListener('keydown', (e) => {
@@ -156,18 +299,20 @@ window.addEventListener('keydown', (e) => {
     return;
   }
   const step = MOVES[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-  if (!step || !mine) return;
+  const from = pending?.cell ?? confirmed();
+  if (!step || !from) return;
   e.preventDefault();
-  moveTo(mine[0] + step[0], mine[1] + step[1]);
+  // One step on from where we are going: a held key walks, a step at a time.
+  goTo([from[0] + step[0], from[1] + step[1]], true);
 });
 
 arena.addEventListener('click', (e) => {
   const box = arena.getBoundingClientRect();
   const cell = box.width / COLS;
-  moveTo(
+  goTo([
     Math.floor((e.clientX - box.left - arena.clientLeft) / cell),
     Math.floor((e.clientY - box.top - arena.clientTop) / cell),
-  );
+  ]);
 });
 
 $('boom').addEventListener('click', (e) => {
@@ -197,10 +342,16 @@ const nameOf = (/** @type {number} */ actor) =>
 
 /** Draw a marker for every member with a position, and only those. */
 function render() {
-  const seen = new Set();
+  /** @type {Map<number, Cell>} */
+  const cells = new Map();
   for (const [actor, values] of client.snapshot) {
-    const pos = values.pos;
-    if (!isCell(pos)) continue;
+    if (actor !== client.actor && isCell(values.pos)) cells.set(actor, values.pos);
+  }
+  // Ours: the move in flight, else the cell the relay confirmed.
+  const own = pending?.cell ?? confirmed();
+  if (own && client.actor !== null) cells.set(client.actor, own);
+  const seen = new Set();
+  for (const [actor, pos] of cells) {
     seen.add(String(actor));
     let el = /** @type {HTMLElement|null} */ (
       arena.querySelector(`.marker[data-actor="${actor}"]`)
@@ -211,6 +362,9 @@ function render() {
       el.dataset.testid = 'marker';
       el.dataset.actor = String(actor);
       el.innerHTML = '<span class="tag"></span><span class="dot"></span>';
+      el.addEventListener('animationend', (e) => {
+        /** @type {HTMLElement} */ (e.currentTarget).removeAttribute('data-refused');
+      });
       arena.append(el);
     }
     const name = nameOf(actor);
@@ -218,6 +372,7 @@ function render() {
     el.dataset.y = String(pos[1]);
     el.dataset.name = name;
     el.toggleAttribute('data-self', actor === client.actor);
+    el.toggleAttribute('data-pending', actor === client.actor && pending !== null);
     el.style.setProperty('--x', String(pos[0]));
     el.style.setProperty('--y', String(pos[1]));
     el.style.setProperty('--color', color(actor));
@@ -229,6 +384,30 @@ function render() {
   for (const el of arena.querySelectorAll('.marker')) {
     if (!seen.has(/** @type {HTMLElement} */ (el).dataset.actor ?? '')) el.remove();
   }
+  renderCell();
+}
+
+/** The side panel's cell: the one the relay confirmed, and where we are walking to. */
+function renderCell() {
+  const el = $('cell');
+  const here = confirmed();
+  if (here) {
+    el.dataset.x = String(here[0]);
+    el.dataset.y = String(here[1]);
+  } else {
+    delete el.dataset.x;
+    delete el.dataset.y;
+  }
+  el.textContent = `${here ? fmt(here) : '–'}${target ? ` → ${fmt(target)}` : ''}`;
+}
+
+/** Shake our marker: the relay refused its move and it went back. */
+function flash() {
+  const el = arena.querySelector(`.marker[data-actor="${client.actor}"]`);
+  if (!el) return;
+  el.removeAttribute('data-refused');
+  void (/** @type {HTMLElement} */ (el).offsetWidth); // restart the animation
+  el.setAttribute('data-refused', '');
 }
 
 function renderMembers() {
@@ -311,4 +490,9 @@ window.relayDemo = {
       [...client.snapshot].filter(([, v]) => v.pos).map(([a, v]) => [a, v.pos]),
     );
   },
+  /** Our cell as the relay has it, the move in flight, and where we are walking to. */
+  get moving() {
+    return { confirmed: confirmed(), pending: pending?.cell ?? null, target };
+  },
+  goTo: (/** @type {number} */ x, /** @type {number} */ y) => goTo([x, y]),
 };

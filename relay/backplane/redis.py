@@ -1,0 +1,656 @@
+"""The Redis backplane: many relay processes, on many machines, share rooms.
+
+Redis is each room's sequencer. Every change to a room (a batch of moves, a
+join, a leave) is one Lua script call (see :mod:`relay.backplane.redis_scripts`)
+that gives its entries the room's next offsets, applies them to the room's
+members and snapshot, and publishes them as one message on the room's channel.
+Every node with players in the room, the publishing node too, delivers from its
+subscription: one delivery path, one order everywhere.
+
+Round trips: :meth:`RedisBackplane.publish` never waits. It appends to the
+room's queue of operations, and one flusher task sends whatever is queued, for
+every room, as one pipeline (one script call per room and operation), then
+the next pipeline with whatever queued meanwhile: batching without added delay
+when idle. A room's operations keep their order (a room is one Cluster slot,
+so one connection). Joins go through the same queue, so moves read before a
+join are sequenced before its JOIN.
+
+Failures, the guarantees of :mod:`relay.backplane.base` kept across them:
+
+* Redis unreachable: :meth:`ready` is false (``/readyz`` answers 503), new
+  moves are refused by the node (ERROR ``unavailable``), joins fail (close
+  1013), and a supervisor reconnects with backoff. Operations already queued
+  are sent when Redis is back; a batch whose reply was lost is sent again and
+  the script skips it if it had been applied (batch numbers per node).
+* A cut subscription (Redis restarted, or it dropped a slow subscriber): after
+  resubscribing, each room is repaired from its recent history in Redis, so
+  nothing is missed; when the history no longer covers the gap, or the room is
+  gone or has a new epoch (a restarted Redis), the node is told to resync the
+  room (its clients are closed with 1011 and rejoin with a fresh snapshot).
+* A node that dies: its heartbeat key expires, and a live node removes its
+  players (LEAVE with 1006) within ``node_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from relay import protocol
+from relay.backplane import redis_scripts as lua
+from relay.backplane.base import Joined, Receiver, RoomFull, Unavailable
+from redis.exceptions import NoScriptError, ResponseError
+
+from relay.backplane.redis_link import FAILURES, RedisLink
+from relay.config import Settings
+from relay.metrics import BackplaneStats
+from relay.protocol import MsgType
+from relay.room import Entry, Member, RoomState, new_epoch
+
+log = logging.getLogger("relay.redis")
+
+MAX_OPS_PER_PIPELINE = 2000  # room operations in one round trip; more wait for the next
+MAX_BATCH_ENTRIES = 1000  # entries in one script call (and one published message)
+_KINDS = {k.value: k for k in (MsgType.EVENT, MsgType.STATE, MsgType.JOIN, MsgType.LEAVE)}
+
+
+def _offset_len(offset: int) -> int:
+    """Bytes of msgpack(offset): where the raw data ends inside an entry's wire bytes."""
+    return 1 if offset < 0x80 else 2 if offset < 0x100 else 3 if offset < 0x10000 else 5 if offset < 1 << 32 else 9
+
+
+@dataclass(eq=False, slots=True)
+class _Op:
+    """One script call (or command) for a room, in the room's queue."""
+
+    kind: str  # moves, join, leave, cancel, claim, forget, direct
+    epoch: str = ""
+    entries: list[Entry] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+    batch: int = 0  # set when first sent; kept on retries (the script skips repeats)
+    future: asyncio.Future[Any] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Room:
+    name: str
+    tag: str
+    channel: bytes
+    subscribed: bool = False
+    epoch: str | None = None  # the incarnation this node's seats are in
+    floor: int = 0  # the highest offset delivered here (or the first join's): gaps show above it
+    retired: set[str] = field(default_factory=set)  # older epochs: their stragglers are dropped
+    holding: list[list[Any]] | None = None  # messages held while the room is being repaired
+    seated: dict[int, str] = field(default_factory=dict)  # actor -> epoch, for seats of this node
+    ops: deque[_Op] = field(default_factory=deque)
+
+    @property
+    def meta(self) -> str:
+        return self.tag + ":meta"
+
+
+class RedisBackplane:
+    name = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = settings.redis_prefix
+        self.node_id = secrets.token_hex(8)
+        self.stats = BackplaneStats()
+        self.link = RedisLink(
+            settings.redis, timeout=settings.redis_timeout_s, on_message=self._on_message, on_lost=self._lost_link
+        )
+        sharded_src = {name: getattr(lua, name) for name in ("SEQUENCE", "JOIN", "LEAVE", "REMOVE_SEATED_BY", "READ")}
+        self._sha = {
+            (name, sharded): self.link.script(lua.source(body, sharded=sharded))
+            for name, body in sharded_src.items()
+            for sharded in (False, True)
+        }
+        self._receiver: Receiver | None = None
+        self._rooms: dict[str, _Room] = {}
+        self._by_channel: dict[bytes, _Room] = {}
+        self._dirty: dict[str, _Room] = {}
+        self._batches = itertools.count(1)
+        self._up = False
+        self._broken = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[None]] = set()
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def _room(self, room: str) -> _Room:
+        r = self._rooms.get(room)
+        if r is None:
+            tag = "{%s:%s}" % (self.prefix, room)
+            r = self._rooms[room] = _Room(room, tag, (tag + ":ch").encode())
+        return r
+
+    def _node_key(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    def _node_rooms_key(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:rooms"
+
+    @property
+    def _nodes_key(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    def _script(self, name: str) -> str:
+        return self._sha[(name, self.link.sharded)]
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self._broken.set()
+        self._tasks = [
+            asyncio.create_task(self._supervise()),
+            asyncio.create_task(self._flush_forever()),
+            asyncio.create_task(self._watch()),
+        ]
+        with contextlib.suppress(asyncio.TimeoutError):  # start anyway: readyz tells
+            await asyncio.wait_for(self._until_up(), self.settings.redis_timeout_s)
+
+    async def _until_up(self) -> None:
+        while not self._up:
+            await asyncio.sleep(0.01)  # start-up only: polling a flag set by the supervisor
+
+    async def close(self) -> None:
+        """Send what is queued (bounded), say goodbye, and disconnect."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain
+        if self._up:
+            with contextlib.suppress(*FAILURES):
+                pipe = self.link.pipeline()
+                pipe.delete(self._node_key(self.node_id))
+                if not any(r.seated for r in self._rooms.values()):
+                    pipe.delete(self._node_rooms_key(self.node_id))
+                    pipe.srem(self._nodes_key, self.node_id)
+                await pipe.execute()
+        for task in [*self._tasks, *self._spawned]:
+            task.cancel()
+        for task in [*self._tasks, *self._spawned]:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.link.close()
+        self._up = False
+
+    def ready(self) -> bool:
+        return self._up
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    async def subscribe(self, room: str) -> None:
+        if not self._up:
+            raise Unavailable("the Redis backplane is unavailable")
+        r = self._room(room)
+        r.subscribed = True
+        self._by_channel[r.channel] = r
+        self._enqueue(r, _Op("claim"))
+        try:
+            await self.link.subscribe(r.channel)
+        except FAILURES as exc:
+            self._lost_link(exc)
+            raise Unavailable("the Redis backplane is unavailable") from exc
+
+    async def unsubscribe(self, room: str) -> None:
+        r = self._rooms.get(room)
+        if r is None or not r.subscribed:
+            return
+        r.subscribed = False
+        self._by_channel.pop(r.channel, None)
+        r.epoch, r.floor, r.holding = None, 0, None
+        r.retired.clear()
+        self._enqueue(r, _Op("forget"))
+        await self.link.unsubscribe(r.channel)
+
+    # --- the room's operations -----------------------------------------------------------
+
+    async def join(self, room: str, player: str, meta: dict[str, Any], *, max_players: int) -> Joined:
+        if not self._up:
+            raise Unavailable("the Redis backplane is unavailable")
+        r = self._room(room)
+        pack = protocol.pack
+        args = [new_epoch(), self.node_id, 0, player, pack([player, meta]), pack(player) + pack(meta), max_players]
+        op = _Op("join", args=args, future=asyncio.get_running_loop().create_future())
+        self._enqueue(r, op)
+        reply = await op.future
+        if reply[0] == -3:
+            raise RoomFull(room)
+        _, actor, epoch, offset, members, snapshot = reply
+        epoch = epoch.decode()
+        self._adopt(r, epoch, offset)
+        r.seated[actor] = epoch
+        return Joined(
+            member=Member(actor, player, meta),
+            members=_members(members),
+            snapshot=_snapshot(snapshot),
+            offset=offset,
+            epoch=epoch,
+        )
+
+    async def leave(self, room: str, actor: int, close_code: int) -> None:
+        r = self._rooms.get(room)
+        epoch = r.seated.pop(actor, None) if r is not None else None
+        if r is not None and epoch is not None:  # only seats this node made, in their own epoch
+            self._enqueue(r, _Op("leave", epoch, args=[epoch, actor, close_code]))
+
+    def publish(self, room: str, entries: list[Entry]) -> None:
+        r = self._room(room)
+        last = r.ops[-1] if r.ops else None
+        if last is not None and last.kind == "moves" and not last.batch and last.epoch == r.epoch:
+            if len(last.entries) + len(entries) <= MAX_BATCH_ENTRIES:
+                last.entries.extend(entries)
+                return
+        self._enqueue(r, _Op("moves", r.epoch or "", entries=list(entries)))
+
+    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
+        self._enqueue(self._room(room), _Op("direct", args=[protocol.pack([0, to_actor, wire])]))
+
+    def _enqueue(self, r: _Room, op: _Op) -> None:
+        r.ops.append(op)
+        self._dirty[r.name] = r
+        self._wake.set()
+
+    # --- the flusher: one pipeline in flight -------------------------------------------
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty and self._up:
+                try:
+                    await self._flush_once()
+                except Exception:  # a bug must not stop every room's traffic
+                    log.exception("redis backplane: flush failed")
+                    self.stats.errors["internal"] += 1
+                    await asyncio.sleep(0.1)
+
+    async def _flush_once(self) -> None:
+        sent: list[tuple[_Room, list[_Op]]] = []
+        pipe = self.link.pipeline()
+        budget = MAX_OPS_PER_PIPELINE
+        rooms, self._dirty = list(self._dirty.values()), {}
+        for r in rooms:
+            ops: list[_Op] = []
+            while r.ops and budget:
+                op = r.ops.popleft()
+                if not op.batch:
+                    op.batch = next(self._batches)
+                self._command(pipe, r, op)
+                ops.append(op)
+                budget -= 1
+            if r.ops:
+                self._dirty[r.name] = r
+            sent.append((r, ops))
+        started = time.perf_counter()
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except FAILURES as exc:
+            self._requeue(sent, exc)
+            self._lost_link(exc)
+            return
+        self.stats.round_trip(time.perf_counter() - started, sum(len(ops) for _, ops in sent))
+        replies = iter(results)
+        again: list[tuple[_Room, list[_Op]]] = []
+        for r, ops in sent:
+            retry = [op for op in ops if not self._settle(r, op, next(replies))]
+            if retry:
+                again.append((r, retry))
+            elif not r.subscribed and not r.ops and not r.seated:
+                self._rooms.pop(r.name, None)
+        if not again:
+            return
+        self._requeue(again)
+        if any(isinstance(x, FAILURES) and not isinstance(x, ResponseError) for x in results):
+            self._lost_link(ConnectionError("a Redis server did not answer"))
+        else:  # NOSCRIPT: a restarted Redis forgot the scripts
+            with contextlib.suppress(*FAILURES):
+                await self.link.load_scripts()
+
+    def _command(self, pipe: Any, r: _Room, op: _Op) -> None:
+        history = self.settings.redis_history
+        kind = op.kind
+        if kind == "moves":
+            args: list[Any] = [history, op.epoch, self.node_id, op.batch]
+            for e in op.entries:
+                if e.kind is MsgType.STATE:
+                    args += (2, e.actor, protocol.pack(e.key), len(e.value or b""), e.head)
+                else:
+                    args += (int(e.kind), e.actor, "", len(e.value or b""), e.head)
+            self.link.evalsha(pipe, self._script("SEQUENCE"), r.meta, args)
+            self.stats.batches += 1
+            self.stats.entries += len(op.entries)
+        elif kind == "join":
+            op.args[2] = op.batch
+            self.link.evalsha(pipe, self._script("JOIN"), r.meta, [history, *op.args])
+        elif kind == "leave":
+            self.link.evalsha(pipe, self._script("LEAVE"), r.meta, [history, *op.args])
+        elif kind == "cancel":
+            self.link.evalsha(pipe, self._script("REMOVE_SEATED_BY"), r.meta, [history, *op.args])
+        elif kind == "claim":
+            pipe.sadd(self._node_rooms_key(self.node_id), r.name)
+        elif kind == "forget":
+            pipe.srem(self._node_rooms_key(self.node_id), r.name)
+        else:
+            self.link.publish(pipe, r.channel, op.args[0])
+
+    def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
+        """Act on one operation's reply; False when it must be sent again."""
+        if isinstance(result, NoScriptError):
+            return False
+        if isinstance(result, FAILURES) and not isinstance(result, ResponseError):
+            if op.kind == "join":  # in a Cluster, one shard can fail alone
+                self._join_lost(op, result)
+            return False
+        if isinstance(result, BaseException):  # a script error: a bug, not an outage
+            log.error("redis backplane: %s on %s failed: %s", op.kind, r.name, result)
+            self.stats.errors["script"] += 1
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(Unavailable(f"the backplane failed: {result}"))
+            elif op.kind == "moves" and r.subscribed:
+                self._resync(r, "a batch could not be sequenced")  # never lose moves silently
+            return True
+        if op.kind == "moves" and result[0] < 0:
+            self.stats.errors["stale_batch"] += 1
+            if op.epoch and op.epoch == r.epoch and r.subscribed:
+                self._resync(r, "the room is gone from Redis" if result[0] == -1 else "the room has a new epoch")
+        elif op.kind == "join":
+            if op.future is not None and not op.future.done():
+                op.future.set_result(result)
+            elif result[0] == 1:  # the joiner gave up waiting: take its seat back out
+                self._enqueue(r, _Op("leave", args=[result[2].decode(), result[1], 1006]))
+        return True
+
+    def _join_lost(self, op: _Op, exc: BaseException) -> None:
+        """A join whose reply was lost may have been applied: fail it, and undo it later."""
+        if op.future is not None and not op.future.done():
+            op.future.set_exception(Unavailable(f"the Redis backplane is unavailable: {exc}"))
+        op.kind, op.args, op.future = "cancel", [f"{self.node_id}/{op.batch}", 1011], None
+
+    def _requeue(self, sent: list[tuple[_Room, list[_Op]]], exc: BaseException | None = None) -> None:
+        """Put operations back at the front of their rooms' queues, in order."""
+        for r, ops in sent:
+            if exc is not None:
+                for op in ops:
+                    if op.kind == "join":
+                        self._join_lost(op, exc)
+            r.ops.extendleft(reversed(ops))
+            self._dirty[r.name] = r
+
+    # --- the room order in -------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, payload: bytes) -> None:
+        r = self._by_channel.get(channel)
+        if r is None:
+            return
+        try:
+            items = msgpack.unpackb(payload, raw=True)
+        except ValueError:
+            self.stats.errors["payload"] += 1
+            return
+        if type(items[0]) is int:  # [0, to_actor, wire]: a DIRECT
+            assert self._receiver is not None
+            self._receiver.deliver_direct(r.name, items[1], items[2])
+        elif r.holding is not None:
+            r.holding.append(items)
+        else:
+            self._deliver(r, items)
+
+    def _deliver(self, r: _Room, items: list[Any]) -> None:
+        epoch, first = items[0].decode(), items[1]
+        last = first + (len(items) - 2) // 5 - 1
+        if epoch != r.epoch:
+            if epoch in r.retired:
+                return  # a straggler of an incarnation this node has left behind
+            if r.epoch is not None:
+                self._resync(r, "the room has a new epoch")
+                r.retired.add(r.epoch)
+            r.epoch, r.floor = epoch, 0
+        elif r.floor and first > r.floor + 1:
+            self.stats.errors["gap"] += 1
+            r.holding = [items]
+            self._spawn(self._repair(r))
+            return
+        r.floor = max(r.floor, last)
+        assert self._receiver is not None
+        self._receiver.deliver(r.name, _entries(items, first))
+
+    def _adopt(self, r: _Room, epoch: str, offset: int) -> None:
+        """A join reply: the epoch this node's seats are in, and a floor for gap detection."""
+        if r.epoch != epoch:
+            if r.epoch is not None:
+                self._resync(r, "the room has a new epoch")
+                r.retired.add(r.epoch)
+            r.epoch, r.floor = epoch, offset
+        elif not r.floor:
+            r.floor = offset
+
+    def _resync(self, r: _Room, why: str) -> None:
+        log.warning("redis backplane: resynchronising room %s: %s", r.name, why)
+        self.stats.resyncs += 1
+        assert self._receiver is not None
+        self._receiver.resync(r.name)
+
+    async def _repair(self, r: _Room) -> None:
+        """Deliver what a room missed, from its history in Redis; or resync it."""
+        if r.holding is None:
+            r.holding = []
+        try:
+            reply = await self.link.client.evalsha(
+                self._script("READ"), 1, r.meta, self.settings.redis_history, r.floor if r.epoch else -1
+            )
+        except FAILURES as exc:
+            self._lost_link(exc)  # the next reconnect repairs it
+            return
+        held, r.holding = r.holding, None
+        if not r.subscribed:
+            return
+        self.stats.repairs += 1
+        if not reply or reply[0].decode() != r.epoch:
+            if r.epoch is not None:
+                self._resync(r, "the room is gone from Redis" if not reply else "the room has a new epoch")
+                r.retired.add(r.epoch)
+            r.epoch, r.floor = None, 0
+        else:
+            offset, batches = reply[1], [msgpack.unpackb(b, raw=True) for b in reply[4]]
+            if offset > r.floor and (not batches or batches[0][1] > r.floor + 1):
+                self._resync(r, "its history in Redis no longer covers what this node missed")
+                r.floor = offset  # the room goes on from here; its seats here rejoin
+                held = [items for items in held if items[1] > offset]
+            else:
+                held = batches + held
+        for items in held:
+            if items[0].decode() != r.epoch or items[1] + (len(items) - 2) // 5 - 1 > r.floor:
+                self._deliver(r, items)
+
+    # --- liveness: reconnect, heartbeat, reaping -------------------------------------------
+
+    def _lost_link(self, exc: BaseException) -> None:
+        if self._up:
+            log.warning("redis backplane: connection lost (%s); moves are refused until it is back", exc)
+            self.stats.errors["connection"] += 1
+        self._up = False
+        self._broken.set()
+
+    async def _supervise(self) -> None:
+        delay = 0.05
+        while True:
+            await self._broken.wait()
+            self._broken.clear()
+            for r in self._rooms.values():
+                if r.subscribed and r.holding is None:
+                    r.holding = []  # hold deliveries until the room is repaired
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("redis backplane: reconnect failed (%s); next try in %.2fs", exc, delay)
+                self._broken.set()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._broken.is_set():
+                continue  # it broke again while connecting
+            delay = 0.05
+            self._up = True
+            self.stats.connects += 1
+            log.info("redis backplane: connected (node %s, cluster: %s)", self.node_id, self.link.sharded)
+            self._wake.set()
+            for r in list(self._rooms.values()):
+                if r.subscribed:
+                    self._spawn(self._repair(r))
+
+    async def _connect(self) -> None:
+        await self.link.connect()
+        await self._beat()
+        rooms = [r for r in self._rooms.values() if r.subscribed]
+        await asyncio.gather(*(self.link.subscribe(r.channel) for r in rooms))
+        if rooms:
+            await self.link.client.sadd(self._node_rooms_key(self.node_id), *(r.name for r in rooms))
+
+    async def _beat(self) -> None:
+        ttl_ms = max(int(self.settings.node_ttl_s * 600), 100)  # 0.6 * node_ttl_s
+        pipe = self.link.pipeline()
+        pipe.set(self._node_key(self.node_id), 1, px=ttl_ms)
+        pipe.sadd(self._nodes_key, self.node_id)
+        await pipe.execute()
+
+    async def _watch(self) -> None:
+        """Heartbeat every 0.15 node_ttl_s; look for dead nodes every 0.2 node_ttl_s."""
+        ttl = self.settings.node_ttl_s
+        next_reap = 0.0
+        while True:
+            await asyncio.sleep(ttl * 0.15)
+            if not self._up:
+                continue
+            try:
+                await self._beat()
+                if not self.link.subscribers_up():
+                    raise ConnectionError("a subscription was cut")
+                await self.link.ping_subscribers()
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + ttl * 0.2
+                    await self._reap()
+            except FAILURES as exc:
+                self._lost_link(exc)
+
+    async def _reap(self) -> None:
+        """Remove the players of nodes whose heartbeat expired (LEAVE 1006 in their rooms)."""
+        client = self.link.client
+        nodes = [n.decode() for n in await client.smembers(self._nodes_key)]
+        others = [n for n in nodes if n != self.node_id]
+        if not others:
+            return
+        pipe = self.link.pipeline()
+        for node in others:
+            pipe.exists(self._node_key(node))
+        dead = [n for n, alive in zip(others, await pipe.execute()) if not alive]
+        for node in dead:
+            rooms = [room.decode() for room in await client.smembers(self._node_rooms_key(node))]
+            pipe = self.link.pipeline()
+            for room in rooms:
+                args = [self.settings.redis_history, node + "/", 1006]
+                self.link.evalsha(pipe, self._script("REMOVE_SEATED_BY"), self._room_meta(room), args)
+            removed = sum(r[0] for r in await pipe.execute()) if rooms else 0
+            pipe = self.link.pipeline()
+            pipe.delete(self._node_rooms_key(node))
+            pipe.srem(self._nodes_key, node)
+            await pipe.execute()
+            self.stats.reaped += removed
+            log.warning("redis backplane: node %s is gone; removed its %d players", node, removed)
+
+    def _room_meta(self, room: str) -> str:
+        return "{%s:%s}:meta" % (self.prefix, room)
+
+    # --- reading rooms (HTTP) ----------------------------------------------------------
+
+    async def rooms(self) -> dict[str, int]:
+        if not self._up:
+            raise Unavailable("the Redis backplane is unavailable")
+        client = self.link.client
+        nodes = [n.decode() for n in await client.smembers(self._nodes_key)]
+        pipe = self.link.pipeline()
+        for node in nodes:
+            pipe.smembers(self._node_rooms_key(node))
+        names = sorted({room.decode() for rooms in await pipe.execute() for room in rooms})
+        pipe = self.link.pipeline()
+        for room in names:
+            pipe.hlen("{%s:%s}:mem" % (self.prefix, room))
+        counts = await pipe.execute() if names else []
+        return {room: n for room, n in zip(names, counts) if n}
+
+    async def room(self, room: str) -> RoomState | None:
+        if not self._up:
+            raise Unavailable("the Redis backplane is unavailable")
+        reply = await self.link.client.evalsha(self._script("READ"), 1, self._room_meta(room), 0, -1)
+        if not reply:
+            return None
+        state = RoomState(room, epoch=reply[0].decode(), offset=reply[1])
+        for actor, player, meta in _members(reply[2]):
+            state.members[actor] = Member(actor, player, meta)
+        state.snapshot = _snapshot(reply[3])
+        state.next_actor = max(state.members, default=0) + 1
+        return state
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+
+def _entries(items: list[Any], first: int) -> list[Entry]:
+    """Entries of a published batch: [epoch, first, (kind, actor, key, value_len, wire)*]."""
+    entries = []
+    offset = first
+    unpack = msgpack.unpackb
+    for i in range(2, len(items), 5):
+        kind, actor, keybin, vlen, wire = items[i : i + 5]
+        msg_type = _KINDS[kind]
+        if msg_type is MsgType.JOIN:
+            _, _, player, meta, _ = unpack(wire, raw=False, strict_map_key=False)
+            entry = Entry(msg_type, actor, b"", member=Member(actor, player, meta), offset=offset, wire=wire)
+        elif msg_type is MsgType.LEAVE:
+            entry = Entry(msg_type, actor, b"", offset=offset, wire=wire)
+        else:
+            end = len(wire) - _offset_len(offset)
+            value = wire[end - vlen : end]
+            key = unpack(keybin, raw=False, strict_map_key=False) if msg_type is MsgType.STATE else None
+            entry = Entry(msg_type, actor, b"", key=key, value=value, offset=offset, wire=wire)
+        entries.append(entry)
+        offset += 1
+    return entries
+
+
+def _members(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    members = []
+    for i in range(0, len(flat), 2):
+        player, meta = msgpack.unpackb(flat[i + 1], raw=False, strict_map_key=False)
+        members.append((int(flat[i]), player, meta))
+    members.sort()
+    return members
+
+
+def _snapshot(flat: list[Any]) -> dict[int, dict[str | int, bytes]]:
+    snapshot: dict[int, dict[str | int, bytes]] = {}
+    for i in range(0, len(flat), 2):
+        values = flat[i + 1]
+        snapshot[int(flat[i])] = {
+            msgpack.unpackb(values[j], raw=False, strict_map_key=False): values[j + 1]
+            for j in range(0, len(values), 2)
+        }
+    return snapshot
