@@ -21,6 +21,7 @@ __export(codec_exports, {
   MsgType: () => MsgType,
   PROTOCOL_VERSION: () => PROTOCOL_VERSION,
   PROTO_KEY: () => PROTO_KEY,
+  RESUMABLE_CLOSE_CODES: () => RESUMABLE_CLOSE_CODES,
   decodeFrame: () => decodeFrame,
   direct: () => direct,
   encodeFrames: () => encodeFrames,
@@ -1486,6 +1487,7 @@ var CloseCode = Object.freeze({
   TOO_MANY_ERRORS: 1008,
   FRAME_TOO_LARGE: 1009,
   INTERNAL_ERROR: 1011,
+  SERVICE_RESTART: 1012,
   AT_CAPACITY: 1013,
   BAD_TOKEN: 4001,
   ROOM_FORBIDDEN: 4003,
@@ -1499,6 +1501,7 @@ var FINAL_CLOSE_CODES = /* @__PURE__ */ new Set([1e3, 1003, 1008, 1009, 4001, 40
 function shouldReconnect(code) {
   return !FINAL_CLOSE_CODES.has(code);
 }
+var RESUMABLE_CLOSE_CODES = /* @__PURE__ */ new Set([1001, 1006, 1011, 1012, 1013, 4008]);
 var event = (seq, data) => [MsgType.EVENT, seq, data];
 var state = (seq, key, data) => [MsgType.STATE, seq, key, data];
 var direct = (seq, toActor, data) => [MsgType.DIRECT, seq, toActor, data];
@@ -1672,6 +1675,7 @@ var RoomView = class {
 
 // src/client.js
 var ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
+var RESEND_BUFFER = 1024;
 var RelayError = class extends Error {
   /** @param {string} message @param {number} [code] @param {string} [reason] */
   constructor(message, code, reason = "") {
@@ -1712,7 +1716,11 @@ var RelayClient = class {
     this.droppedTotal = 0;
     this.limits = {};
     this._seq = 0;
+    this._wiredSeq = 0;
+    this._sent = [];
     this._pending = [];
+    this._resumeToken = null;
+    this._resumeFrom = null;
     this._flushQueued = false;
     this._pings = /* @__PURE__ */ new Map();
     this._handlers = /* @__PURE__ */ new Map();
@@ -1761,10 +1769,15 @@ var RelayClient = class {
   off(type, fn) {
     this._handlers.get(type)?.delete(fn);
   }
-  /** Send an ordered move to every other member. @returns {number} its seq */
+  /**
+   * Send an ordered move to every other member. @returns {number} its seq
+   *
+   * While the client is reconnecting, this and the other send calls queue the
+   * move: it goes out after the next WELCOME (see Resume in the README).
+   */
   sendEvent(data) {
     const seq = this._nextSeq();
-    this._queue(event(seq, data));
+    this._queueMove(seq, event(seq, data));
     return seq;
   }
   /**
@@ -1773,7 +1786,7 @@ var RelayClient = class {
    */
   sendState(key, data) {
     const seq = this._nextSeq();
-    this._queue(state(seq, key, data));
+    this._queueMove(seq, state(seq, key, data), { key, data });
     if (!this.options.echo && this.view.actor !== null)
       this.view.setState(this.view.actor, key, data);
     return seq;
@@ -1784,7 +1797,7 @@ var RelayClient = class {
    */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
-    this._queue(direct(seq, toActor, data));
+    this._queueMove(seq, direct(seq, toActor, data));
     return seq;
   }
   /**
@@ -1799,7 +1812,7 @@ var RelayClient = class {
       const waiting = this._pings.get(sentAt);
       if (waiting) return waiting.push({ resolve, reject });
       this._pings.set(sentAt, [{ resolve, reject }]);
-      this._queue(ping(sentAt));
+      this._queue(encodeMessage(ping(sentAt)));
     });
   }
   /** Leave the room for good: no reconnect. A browser accepts code 1000 or 3000-4999. */
@@ -1815,15 +1828,29 @@ var RelayClient = class {
   }
   // --- internals ------------------------------------------------------------------
   _nextSeq() {
-    this._checkOpen();
+    if (this.status === "reconnecting") {
+      if (this._seq - this._wiredSeq >= RESEND_BUFFER)
+        throw new RelayError(
+          `not connected (status: reconnecting), and ${RESEND_BUFFER} moves already wait`
+        );
+    } else if (this.status !== "open") {
+      throw new RelayError(`not connected (status: ${this.status})`);
+    }
     return ++this._seq;
   }
-  _checkOpen() {
-    if (this.status !== "open") throw new RelayError(`not connected (status: ${this.status})`);
+  /**
+   * Keep an own move for re-sending; send it now when open, else after the next WELCOME.
+   * @param {number} seq @param {unknown[]} message @param {SentMove['state']} [state]
+   */
+  _queueMove(seq, message, state2) {
+    const bytes = encodeMessage(message);
+    this._sent.push(state2 ? { seq, bytes, state: state2 } : { seq, bytes });
+    if (this._sent.length > RESEND_BUFFER) this._sent.shift();
+    if (this.status === "open") this._queue(bytes, seq);
   }
   /** Messages wait for the end of the current task, then go out together as one frame. */
-  _queue(message) {
-    this._pending.push(encodeMessage(message));
+  _queue(bytes, seq = 0) {
+    this._pending.push({ bytes, seq });
     if (this._flushQueued) return;
     this._flushQueued = true;
     queueMicrotask(() => this._flush());
@@ -1831,13 +1858,18 @@ var RelayClient = class {
   _flush() {
     this._flushQueued = false;
     if (this._pending.length === 0) return;
-    const frames = packFrames(this._pending, this.limits.max_frame_bytes ?? Infinity);
+    const pending = this._pending;
     this._pending = [];
-    if (this.socket?.readyState === 1) for (const frame of frames) this.socket.send(frame);
+    if (this.socket?.readyState !== 1) return;
+    const bytes = pending.map((p) => p.bytes);
+    for (const frame of packFrames(bytes, this.limits.max_frame_bytes ?? Infinity))
+      this.socket.send(frame);
+    for (const p of pending) if (p.seq > this._wiredSeq) this._wiredSeq = p.seq;
   }
   _open() {
     const Socket = this.options.WebSocket ?? globalThis.WebSocket;
-    const socket = new Socket(this.url);
+    const from = this._resumeFrom;
+    const socket = new Socket(from ? this._resumeUrl(from) : this.url);
     socket.binaryType = "arraybuffer";
     socket.onmessage = (ev) => this.socket === socket && this._onFrame(ev.data);
     socket.onclose = (ev) => this.socket === socket && this._onClose(ev.code, ev.reason);
@@ -1910,14 +1942,56 @@ var RelayClient = class {
   _onWelcome(welcome) {
     const previousActor = this.view.actor;
     const rejoined = this._welcomed;
-    this.view.reset(welcome);
+    const from = this._resumeFrom;
+    this._resumeFrom = null;
+    const sameSeat = rejoined && welcome.actor === previousActor && welcome.epoch === this.view.epoch;
+    const exact = from !== null && welcome.actor === from.actor && welcome.epoch === from.epoch && welcome.offset === from.offset;
+    if (!exact) this.view.reset(welcome);
     this.limits = welcome.limits;
+    this._resumeToken = typeof welcome.resumeToken === "string" ? welcome.resumeToken : null;
     this.status = "open";
     this._attempt = 0;
     this._welcomed = true;
+    if (rejoined) this._resend(sameSeat ? welcome.lastSeq ?? 0 : this._wiredSeq, !exact);
     this._emit("welcome", welcome);
-    if (rejoined) this._emit("resynced", { actor: welcome.actor, previousActor });
-    else this._resolveReady(this);
+    if (!rejoined) this._resolveReady(this);
+    else if (exact) this._emit("resumed", { actor: welcome.actor, offset: welcome.offset });
+    else this._emit("resynced", { actor: welcome.actor, previousActor });
+  }
+  /**
+   * After a reconnect's WELCOME: re-send, in order and ahead of anything else,
+   * the own moves with a seq greater than `after`, and forget the others.
+   * @param {number} after @param {boolean} fresh  the snapshot came from WELCOME
+   */
+  _resend(after, fresh) {
+    this._sent = this._sent.filter((m) => m.seq > after);
+    if (this._sent.length === 0) return;
+    const again = this._sent.map((m) => ({ bytes: m.bytes, seq: m.seq }));
+    this._pending = [...again, ...this._pending];
+    if (!this._flushQueued) {
+      this._flushQueued = true;
+      queueMicrotask(() => this._flush());
+    }
+    if (fresh && !this.options.echo && this.view.actor !== null) {
+      for (const m of this._sent)
+        if (m.state) this.view.setState(this.view.actor, m.state.key, m.state.data);
+    }
+  }
+  /** Where a reconnect should take the seat back from; null when it cannot. @returns {ResumePoint|null} */
+  _resumePoint() {
+    const { actor, offset, epoch } = this.view;
+    const token = this._resumeToken;
+    if (!token || actor === null || offset === null || epoch === null) return null;
+    return { token, actor, offset, epoch, player: this.view.members.get(actor)?.player };
+  }
+  /** The socket URL with resume, offset and epoch, and this seat's player id. @param {ResumePoint} from */
+  _resumeUrl(from) {
+    const url = new URL(this.url);
+    if (from.player) url.searchParams.set("player", from.player);
+    url.searchParams.set("resume", from.token);
+    url.searchParams.set("offset", String(from.offset));
+    url.searchParams.set("epoch", from.epoch);
+    return url.href;
   }
   _onClose(code, reason) {
     this._pending = [];
@@ -1928,6 +2002,8 @@ var RelayClient = class {
     this._pings.clear();
     const willReconnect = !this._closedByUser && this._welcomed && this.options.reconnect && shouldReconnect(code);
     if (!willReconnect) return this._finish(code, reason);
+    if (this.status === "open")
+      this._resumeFrom = RESUMABLE_CLOSE_CODES.has(code) ? this._resumePoint() : null;
     this.status = "reconnecting";
     this._emit("close", { code, reason, willReconnect });
     const delayMs = this._backoff();
@@ -1968,6 +2044,8 @@ export {
   CloseCode,
   FINAL_CLOSE_CODES,
   MsgType,
+  RESEND_BUFFER,
+  RESUMABLE_CLOSE_CODES,
   RelayClient,
   RelayError,
   RoomView,

@@ -1,5 +1,6 @@
 // The relay browser client: one WebSocket to one room, the room's members and
-// snapshot kept current, batched sends, ping, and reconnect with backoff.
+// snapshot kept current, batched sends, ping, and reconnect with backoff that
+// resumes the player's seat (docs/protocol.md, Resume).
 //
 //   const client = await connect({ room: 'grid:lobby', name: 'Ada' });
 //   client.on('state', ({ from, key, data }) => draw(from, key, data));
@@ -9,9 +10,29 @@ import * as codec from './codec.js';
 import { RoomView } from './room.js';
 
 export { codec, RoomView };
-export { CloseCode, MsgType, FINAL_CLOSE_CODES, shouldReconnect } from './codec.js';
+export {
+  CloseCode,
+  MsgType,
+  FINAL_CLOSE_CODES,
+  RESUMABLE_CLOSE_CODES,
+  shouldReconnect,
+} from './codec.js';
 
 const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
+
+/** How many of its own moves (EVENT, STATE, DIRECT) the client keeps to re-send after a resume. */
+export const RESEND_BUFFER = 1024;
+
+/**
+ * One of this client's own moves, kept until the server is known to have it.
+ * @typedef {{seq: number, bytes: Uint8Array, state?: {key: string|number, data: any}}} SentMove
+ */
+
+/**
+ * The seat a reconnect asks for: the token and the place in the room's order.
+ * @typedef {{token: string, actor: number, offset: number, epoch: string, player?: string}}
+ *   ResumePoint
+ */
 
 /**
  * @typedef {object} ConnectOptions
@@ -41,11 +62,16 @@ const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
  * @property {{count: number, total: number}} dropped
  * @property {{code: number, reason: string, willReconnect: boolean}} close
  * @property {{attempt: number, delayMs: number}} reconnecting
+ * @property {{actor: number, offset: number}} resumed  took the seat back after a break with
+ *   nothing missed: members and snapshot were kept, and the missed messages follow
  * @property {{actor: number, previousActor: number|null}} resynced  rejoined after a break,
- *   with a fresh snapshot
+ *   with a fresh snapshot (the actor changes when the seat was gone)
  */
 
-/** Raised by connect() when the server closes before WELCOME, and by send calls while not open. */
+/**
+ * Raised by connect() when the server closes before WELCOME, and by send calls
+ * before the first WELCOME or once the client is closed.
+ */
 export class RelayError extends Error {
   /** @param {string} message @param {number} [code] @param {string} [reason] */
   constructor(message, code, reason = '') {
@@ -100,8 +126,16 @@ export class RelayClient {
     /** @type {Record<string, number>} the limits in force, from WELCOME */
     this.limits = {};
     this._seq = 0; // strictly increasing for the client's life, across reconnects
-    /** @type {Uint8Array[]} */
+    /** The highest seq handed to an open socket: the moves after it certainly never left. */
+    this._wiredSeq = 0;
+    /** @type {SentMove[]} own moves, oldest first, at most RESEND_BUFFER, to re-send after a resume */
+    this._sent = [];
+    /** @type {Array<{bytes: Uint8Array, seq: number}>} encoded messages for the next frame (seq 0: PING) */
     this._pending = [];
+    /** @type {string|null} from the last WELCOME */
+    this._resumeToken = null;
+    /** @type {ResumePoint|null} what the reconnect under way asks to resume */
+    this._resumeFrom = null;
     this._flushQueued = false;
     /** @type {Map<number, Array<{resolve: (ms: number) => void, reject: (e: Error) => void}>>} */
     this._pings = new Map();
@@ -157,10 +191,15 @@ export class RelayClient {
     this._handlers.get(type)?.delete(fn);
   }
 
-  /** Send an ordered move to every other member. @returns {number} its seq */
+  /**
+   * Send an ordered move to every other member. @returns {number} its seq
+   *
+   * While the client is reconnecting, this and the other send calls queue the
+   * move: it goes out after the next WELCOME (see Resume in the README).
+   */
   sendEvent(/** @type {any} */ data) {
     const seq = this._nextSeq();
-    this._queue(codec.event(seq, data));
+    this._queueMove(seq, codec.event(seq, data));
     return seq;
   }
 
@@ -170,7 +209,7 @@ export class RelayClient {
    */
   sendState(key, data) {
     const seq = this._nextSeq();
-    this._queue(codec.state(seq, key, data));
+    this._queueMove(seq, codec.state(seq, key, data), { key, data });
     // Without echo the server will not send it back, so keep our copy current here.
     if (!this.options.echo && this.view.actor !== null)
       this.view.setState(this.view.actor, key, data);
@@ -183,7 +222,7 @@ export class RelayClient {
    */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
-    this._queue(codec.direct(seq, toActor, data));
+    this._queueMove(seq, codec.direct(seq, toActor, data));
     return seq;
   }
 
@@ -199,7 +238,7 @@ export class RelayClient {
       const waiting = this._pings.get(sentAt);
       if (waiting) return waiting.push({ resolve, reject }); // same instant: one PING answers both
       this._pings.set(sentAt, [{ resolve, reject }]);
-      this._queue(codec.ping(sentAt));
+      this._queue(codec.encodeMessage(codec.ping(sentAt)));
     });
   }
 
@@ -218,17 +257,32 @@ export class RelayClient {
   // --- internals ------------------------------------------------------------------
 
   _nextSeq() {
-    this._checkOpen();
+    if (this.status === 'reconnecting') {
+      // Queued for after the resume; bounded, so that none of them falls out of the buffer.
+      if (this._seq - this._wiredSeq >= RESEND_BUFFER)
+        throw new RelayError(
+          `not connected (status: reconnecting), and ${RESEND_BUFFER} moves already wait`,
+        );
+    } else if (this.status !== 'open') {
+      throw new RelayError(`not connected (status: ${this.status})`);
+    }
     return ++this._seq;
   }
 
-  _checkOpen() {
-    if (this.status !== 'open') throw new RelayError(`not connected (status: ${this.status})`);
+  /**
+   * Keep an own move for re-sending; send it now when open, else after the next WELCOME.
+   * @param {number} seq @param {unknown[]} message @param {SentMove['state']} [state]
+   */
+  _queueMove(seq, message, state) {
+    const bytes = codec.encodeMessage(message);
+    this._sent.push(state ? { seq, bytes, state } : { seq, bytes });
+    if (this._sent.length > RESEND_BUFFER) this._sent.shift();
+    if (this.status === 'open') this._queue(bytes, seq);
   }
 
   /** Messages wait for the end of the current task, then go out together as one frame. */
-  _queue(/** @type {unknown[]} */ message) {
-    this._pending.push(codec.encodeMessage(message));
+  _queue(/** @type {Uint8Array} */ bytes, seq = 0) {
+    this._pending.push({ bytes, seq });
     if (this._flushQueued) return;
     this._flushQueued = true;
     queueMicrotask(() => this._flush());
@@ -237,15 +291,21 @@ export class RelayClient {
   _flush() {
     this._flushQueued = false;
     if (this._pending.length === 0) return;
-    const frames = codec.packFrames(this._pending, this.limits.max_frame_bytes ?? Infinity);
+    const pending = this._pending;
     this._pending = [];
-    // A socket that broke meanwhile discards these; the messages were sent into a break.
-    if (this.socket?.readyState === 1) for (const frame of frames) this.socket.send(frame);
+    // A socket that broke meanwhile discards these: the moves wait in _sent for the
+    // resume, and the pings were rejected by the close.
+    if (this.socket?.readyState !== 1) return;
+    const bytes = pending.map((p) => p.bytes);
+    for (const frame of codec.packFrames(bytes, this.limits.max_frame_bytes ?? Infinity))
+      this.socket.send(frame);
+    for (const p of pending) if (p.seq > this._wiredSeq) this._wiredSeq = p.seq;
   }
 
   _open() {
     const Socket = this.options.WebSocket ?? globalThis.WebSocket;
-    const socket = new Socket(this.url);
+    const from = this._resumeFrom;
+    const socket = new Socket(from ? this._resumeUrl(from) : this.url);
     socket.binaryType = 'arraybuffer';
     socket.onmessage = (ev) => this.socket === socket && this._onFrame(ev.data);
     socket.onclose = (ev) => this.socket === socket && this._onClose(ev.code, ev.reason);
@@ -319,14 +379,70 @@ export class RelayClient {
   _onWelcome(/** @type {import('./codec.js').Welcome} */ welcome) {
     const previousActor = this.view.actor;
     const rejoined = this._welcomed;
-    this.view.reset(welcome);
+    const from = this._resumeFrom;
+    this._resumeFrom = null;
+    // Actors are never reused within an epoch: the same actor is the same seat,
+    // and the server has its moves up to lastSeq. A new seat has none of the old one's.
+    const sameSeat =
+      rejoined && welcome.actor === previousActor && welcome.epoch === this.view.epoch;
+    // Exact: the server replays every room message after the offset asked for, so
+    // the members and snapshot this client has stay right as it applies them.
+    const exact =
+      from !== null &&
+      welcome.actor === from.actor &&
+      welcome.epoch === from.epoch &&
+      welcome.offset === from.offset;
+    if (!exact) this.view.reset(welcome);
     this.limits = welcome.limits;
+    this._resumeToken = typeof welcome.resumeToken === 'string' ? welcome.resumeToken : null;
     this.status = 'open';
     this._attempt = 0;
     this._welcomed = true;
+    // On a new seat only the moves that never left go out (the others may have
+    // been applied by the old seat already).
+    if (rejoined) this._resend(sameSeat ? (welcome.lastSeq ?? 0) : this._wiredSeq, !exact);
     this._emit('welcome', welcome);
-    if (rejoined) this._emit('resynced', { actor: welcome.actor, previousActor });
-    else this._resolveReady(this);
+    if (!rejoined) this._resolveReady(this);
+    else if (exact) this._emit('resumed', { actor: welcome.actor, offset: welcome.offset });
+    else this._emit('resynced', { actor: welcome.actor, previousActor });
+  }
+
+  /**
+   * After a reconnect's WELCOME: re-send, in order and ahead of anything else,
+   * the own moves with a seq greater than `after`, and forget the others.
+   * @param {number} after @param {boolean} fresh  the snapshot came from WELCOME
+   */
+  _resend(after, fresh) {
+    this._sent = this._sent.filter((m) => m.seq > after);
+    if (this._sent.length === 0) return;
+    const again = this._sent.map((m) => ({ bytes: m.bytes, seq: m.seq }));
+    this._pending = [...again, ...this._pending];
+    if (!this._flushQueued) {
+      this._flushQueued = true;
+      queueMicrotask(() => this._flush());
+    }
+    // A fresh snapshot predates these STATEs; without echo none comes back to say so.
+    if (fresh && !this.options.echo && this.view.actor !== null)
+      for (const m of this._sent)
+        if (m.state) this.view.setState(this.view.actor, m.state.key, m.state.data);
+  }
+
+  /** Where a reconnect should take the seat back from; null when it cannot. @returns {ResumePoint|null} */
+  _resumePoint() {
+    const { actor, offset, epoch } = this.view;
+    const token = this._resumeToken;
+    if (!token || actor === null || offset === null || epoch === null) return null;
+    return { token, actor, offset, epoch, player: this.view.members.get(actor)?.player };
+  }
+
+  /** The socket URL with resume, offset and epoch, and this seat's player id. @param {ResumePoint} from */
+  _resumeUrl(from) {
+    const url = new URL(this.url);
+    if (from.player) url.searchParams.set('player', from.player);
+    url.searchParams.set('resume', from.token);
+    url.searchParams.set('offset', String(from.offset));
+    url.searchParams.set('epoch', from.epoch);
+    return url.href;
   }
 
   _onClose(/** @type {number} */ code, /** @type {string} */ reason) {
@@ -343,6 +459,11 @@ export class RelayClient {
       this.options.reconnect &&
       codec.shouldReconnect(code);
     if (!willReconnect) return this._finish(code, reason);
+    // A connection that had its WELCOME broke: after a broken link (not a verdict)
+    // the server may hold the seat, so ask for it back. A retry that failed before
+    // its WELCOME keeps asking for what the break left.
+    if (this.status === 'open')
+      this._resumeFrom = codec.RESUMABLE_CLOSE_CODES.has(code) ? this._resumePoint() : null;
     this.status = 'reconnecting';
     this._emit('close', { code, reason, willReconnect });
     const delayMs = this._backoff();

@@ -28,6 +28,7 @@ export const CloseCode = Object.freeze({
   TOO_MANY_ERRORS: 1008,
   FRAME_TOO_LARGE: 1009,
   INTERNAL_ERROR: 1011,
+  SERVICE_RESTART: 1012,
   AT_CAPACITY: 1013,
   BAD_TOKEN: 4001,
   ROOM_FORBIDDEN: 4003,
@@ -48,6 +49,12 @@ export const FINAL_CLOSE_CODES = new Set([1000, 1003, 1008, 1009, 4001, 4003, 40
 export function shouldReconnect(code) {
   return !FINAL_CLOSE_CODES.has(code);
 }
+
+/**
+ * Close codes of a broken link rather than a verdict: the server may hold the
+ * player's seat, so the reconnect asks to resume it (docs/protocol.md, Resume).
+ */
+export const RESUMABLE_CLOSE_CODES = new Set([1001, 1006, 1011, 1012, 1013, 4008]);
 
 // --- client to server -----------------------------------------------------------
 

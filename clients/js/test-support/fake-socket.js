@@ -82,6 +82,9 @@ export function welcome({
   snapshot = { 1: { pos: [3, 4] } },
   offset = 10,
   limits = { max_frame_bytes: 16384, max_msgs_per_s: 120 },
+  epoch = 'epoch-1',
+  resumeToken = 'resume-x',
+  lastSeq = null,
 } = {}) {
   return [
     0,
@@ -93,8 +96,8 @@ export function welcome({
     1700000000000,
     limits,
     offset,
-    'epoch-1',
-    'resume-x',
-    null,
+    epoch,
+    resumeToken,
+    lastSeq,
   ];
 }

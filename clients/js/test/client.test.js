@@ -13,11 +13,16 @@ const BASE = {
   maxBackoffMs: 4,
 };
 
+/** Clients a test made, closed after it so that no reconnect timer outlives it. */
+const live = new Set();
+
 /** A client that has had its WELCOME. */
 async function joined(options = {}, w = welcome()) {
   const pending = connect({ ...BASE, ...options });
   FakeSocket.last().push(w);
-  return pending;
+  const client = await pending;
+  live.add(client);
+  return client;
 }
 
 /** Every message the client sent on a socket, per frame. */
@@ -25,6 +30,8 @@ const sentFrames = (socket) => socket.sent.map((f) => [...decodeMulti(f)]);
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
 afterEach(() => {
+  for (const client of live) client.close();
+  live.clear();
   FakeSocket.made.length = 0;
 });
 
@@ -180,6 +187,7 @@ test('a refused connection rejects connect with the close code and reason', asyn
 test('a broken connection is rejoined with backoff and a fresh snapshot', async () => {
   const client = await joined();
   client.sendEvent('before');
+  await tick();
   const events = [];
   for (const type of ['close', 'reconnecting', 'resynced'])
     client.on(type, (e) => events.push([type, e]));
@@ -187,7 +195,7 @@ test('a broken connection is rejoined with backoff and a fresh snapshot', async 
   FakeSocket.last().drop(1006);
   await assert.rejects(pings, RelayError);
   assert.equal(client.status, 'reconnecting');
-  assert.throws(() => client.sendEvent(1), /not connected/);
+  assert.equal(client.sendEvent('meanwhile'), 2, 'queued for after the reconnect');
   // The first retry fails too: the server is still down.
   await until(() => FakeSocket.made.length === 2, 1000, 'a first retry');
   FakeSocket.last().drop(1006);
@@ -214,7 +222,13 @@ test('a broken connection is rejoined with backoff and a fresh snapshot', async 
   assert.deepEqual(events[0][1], { code: 1006, reason: '', willReconnect: true });
   assert.equal(events[3][1].attempt, 2);
   assert.deepEqual(events[4][1], { actor: 5, previousActor: 2 });
-  assert.equal(client.sendEvent('again'), 2, 'seq keeps increasing across connections');
+  await tick();
+  assert.deepEqual(
+    sentFrames(FakeSocket.last()),
+    [[[1, 2, 'meanwhile']]],
+    'a new seat gets the moves that never left, not those the old seat may have applied',
+  );
+  assert.equal(client.sendEvent('again'), 3, 'seq keeps increasing across connections');
 });
 
 for (const code of [4409, 4001, 1008]) {
@@ -264,4 +278,234 @@ test('the client is usable without connect(): ready resolves on WELCOME', async 
   FakeSocket.last().pushBytes(concat([encode(welcome()), encode([5, 9, 'p9', {}, 11])]));
   assert.equal(await client.ready, client);
   assert.ok(client.members.has(9), 'a JOIN batched with the WELCOME is applied after it');
+});
+
+// --- resume ---------------------------------------------------------------------
+
+/** The query parameters of a socket's URL. */
+const query = (socket) => Object.fromEntries(new URL(socket.url).searchParams);
+
+/** Break the link of a joined client with code, and wait for its next socket. */
+async function breakLink(client, code = 1006) {
+  const before = FakeSocket.made.length;
+  FakeSocket.last().drop(code);
+  assert.equal(client.status, 'reconnecting');
+  await until(() => FakeSocket.made.length > before, 1000, 'a reconnect');
+  return FakeSocket.last();
+}
+
+test('after a broken link the reconnect asks to resume the seat at the last offset', async () => {
+  const client = await joined({ name: 'Two', token: 'signed.jwt', echo: true });
+  FakeSocket.last().push([5, 3, 'p-three', {}, 11], [1, 3, 1, 'x', 12], [3, 3, 2, 'psst']);
+  assert.equal(client.offset, 12, 'DIRECT has no offset: the last one seen is the EVENT');
+  const socket = await breakLink(client, 4008);
+  assert.deepEqual(query(socket), {
+    token: 'signed.jwt',
+    player: 'p-two', // this seat's player id, from members
+    name: 'Two',
+    echo: '1',
+    resume: 'resume-x',
+    offset: '12',
+    epoch: 'epoch-1',
+  });
+  // A retry that fails before its WELCOME asks for the same again.
+  socket.drop(1013);
+  await until(() => FakeSocket.made.length === 3, 1000, 'a second retry');
+  assert.equal(FakeSocket.last().url, socket.url);
+});
+
+for (const code of [1001, 1006, 1011, 1012, 1013, 4008]) {
+  test(`close ${code} reconnects with resume parameters`, async () => {
+    const client = await joined();
+    const socket = await breakLink(client, code);
+    assert.equal(query(socket).resume, 'resume-x');
+    assert.equal(query(socket).offset, '10');
+  });
+}
+
+test('a close that gives the seat up (4029) reconnects as a fresh join', async () => {
+  const client = await joined({ player: 'me' });
+  const socket = await breakLink(client, 4029);
+  assert.deepEqual(query(socket), { player: 'me' });
+});
+
+test('an exact resume keeps members and snapshot, applies what follows, emits resumed', async () => {
+  const client = await joined();
+  const seen = [];
+  for (const type of ['welcome', 'resumed', 'resynced', 'state', 'join'])
+    client.on(type, (e) => seen.push([type, e]));
+  FakeSocket.last().push([2, 1, 'pos', [5, 5], 11], [2, 1, 'hp', 3, 12]);
+  seen.length = 0;
+  const socket = await breakLink(client);
+  // The server's WELCOME carries its current members and snapshot (after offset 12),
+  // then replays the room messages after 12: applied over what the client kept.
+  socket.push(
+    welcome({
+      actor: 2,
+      offset: 12,
+      members: [
+        [1, 'p-one', { name: 'One' }],
+        [2, 'p-two', { name: 'Two' }],
+        [3, 'p-three', {}],
+      ],
+      snapshot: { 1: { pos: [6, 6], hp: 3 }, 3: { pos: [0, 0] } },
+      resumeToken: 'resume-y',
+    }),
+    [2, 1, 'pos', [6, 6], 13],
+    [5, 3, 'p-three', {}, 14],
+    [2, 3, 'pos', [0, 0], 15],
+  );
+  assert.equal(client.status, 'open');
+  assert.deepEqual(
+    seen.map(([type]) => type),
+    ['welcome', 'resumed', 'state', 'join', 'state'],
+  );
+  assert.deepEqual(seen[1][1], { actor: 2, offset: 12 });
+  assert.deepEqual(seen[2][1].previous, [5, 5], 'the kept snapshot, not the WELCOME one');
+  assert.deepEqual([...client.members.keys()], [1, 2, 3]);
+  assert.deepEqual({ ...client.snapshot.get(1) }, { pos: [6, 6], hp: 3 });
+  assert.deepEqual(client.snapshot.get(3).pos, [0, 0]);
+  assert.equal(client.offset, 15);
+  // The next break resumes with the new token and offset.
+  const again = await breakLink(client);
+  assert.equal(query(again).resume, 'resume-y');
+  assert.equal(query(again).offset, '15');
+});
+
+for (const [why, w] of [
+  ['a later offset (history too short)', { actor: 2, offset: 40 }],
+  ['another epoch (the room started over)', { actor: 2, offset: 12, epoch: 'epoch-2' }],
+  ['another actor (the seat was gone)', { actor: 7, offset: 12 }],
+]) {
+  test(`a WELCOME with ${why} is a fresh snapshot: resynced`, async () => {
+    const client = await joined();
+    const seen = [];
+    for (const type of ['resumed', 'resynced']) client.on(type, (e) => seen.push([type, e]));
+    FakeSocket.last().push([2, 1, 'pos', [5, 5], 11], [6, 1, 1000, 12]);
+    assert.equal(client.members.has(1), false);
+    const socket = await breakLink(client);
+    assert.equal(query(socket).offset, '12');
+    socket.push(
+      welcome({
+        ...w,
+        members: [
+          [1, 'p-one', {}],
+          [w.actor, 'p-two', {}],
+        ],
+        snapshot: { 1: { pos: [1, 1] } },
+      }),
+    );
+    assert.deepEqual(seen, [['resynced', { actor: w.actor, previousActor: 2 }]]);
+    assert.deepEqual([...client.members.keys()], [1, w.actor]);
+    assert.deepEqual(client.snapshot.get(1).pos, [1, 1]);
+    assert.equal(client.offset, w.offset);
+  });
+}
+
+test('after a resume the moves after last_seq are re-sent in order, in one frame', async () => {
+  const client = await joined();
+  for (let i = 1; i <= 5; i++) client.sendEvent(`m${i}`);
+  client.sendState('pos', [1, 1]);
+  client.sendDirect(1, 'hi');
+  await tick();
+  const socket = await breakLink(client);
+  assert.equal(socket.sent.length, 0, 'nothing is sent before the WELCOME');
+  socket.push(welcome({ actor: 2, offset: 10, lastSeq: 4 }));
+  await tick();
+  assert.deepEqual(sentFrames(socket), [
+    [
+      [1, 5, 'm5'],
+      [2, 6, 'pos', [1, 1]],
+      [3, 7, 1, 'hi'],
+    ],
+  ]);
+  // The server has them now: a later resume re-sends only what is newer.
+  client.sendEvent('m8');
+  await tick();
+  const next = await breakLink(client);
+  next.push(welcome({ actor: 2, offset: 10, lastSeq: 7 }));
+  await tick();
+  assert.deepEqual(sentFrames(next), [[[1, 8, 'm8']]]);
+});
+
+test('a held seat that had no move accepted (last_seq nil) gets every move again', async () => {
+  const client = await joined();
+  client.sendEvent('a');
+  client.sendEvent('b');
+  await tick();
+  const socket = await breakLink(client);
+  socket.push(welcome({ actor: 2, offset: 10, lastSeq: null }));
+  await tick();
+  assert.deepEqual(sentFrames(socket), [
+    [
+      [1, 1, 'a'],
+      [1, 2, 'b'],
+    ],
+  ]);
+});
+
+test('nothing is re-sent when the server has every move', async () => {
+  const client = await joined();
+  client.sendEvent('a');
+  await tick();
+  const socket = await breakLink(client);
+  socket.push(welcome({ actor: 2, offset: 10, lastSeq: 1 }));
+  await tick();
+  assert.deepEqual(sentFrames(socket), []);
+});
+
+test('moves sent while reconnecting go out after the resume, before newer ones', async () => {
+  const client = await joined();
+  client.sendEvent('sent');
+  await tick();
+  const old = FakeSocket.last();
+  old.drop(1006);
+  const seqs = [client.sendEvent('a'), client.sendState('pos', [2, 2]), client.sendDirect(1, 'b')];
+  assert.deepEqual(seqs, [2, 3, 4]);
+  assert.deepEqual(client.snapshot.get(2).pos, [2, 2], 'our STATE is applied at once as usual');
+  assert.equal(old.sent.length, 1);
+  await until(() => FakeSocket.made.length === 2, 1000, 'a reconnect');
+  const socket = FakeSocket.last();
+  client.on('welcome', () => client.sendEvent('on welcome'));
+  socket.push(welcome({ actor: 2, offset: 10, lastSeq: 1 }));
+  client.sendEvent('after');
+  await tick();
+  assert.deepEqual(sentFrames(socket), [
+    [
+      [1, 2, 'a'],
+      [2, 3, 'pos', [2, 2]],
+      [3, 4, 1, 'b'],
+      [1, 5, 'on welcome'],
+      [1, 6, 'after'],
+    ],
+  ]);
+});
+
+test('own STATE re-sent after a fresh snapshot is applied to it again', async () => {
+  const client = await joined();
+  FakeSocket.last().drop(1006);
+  client.sendState('pos', [2, 2]);
+  await until(() => FakeSocket.made.length === 2, 1000, 'a reconnect');
+  // The server had not got it: its snapshot has no pos of ours.
+  FakeSocket.last().push(welcome({ actor: 2, offset: 30, snapshot: {}, lastSeq: null }));
+  assert.deepEqual(client.snapshot.get(2).pos, [2, 2]);
+});
+
+test('moves queued while reconnecting are bounded, and refused once closed', async () => {
+  const client = await joined();
+  FakeSocket.last().drop(1006);
+  for (let i = 0; i < 1024; i++) client.sendEvent(i);
+  assert.throws(() => client.sendEvent('one too many'), RelayError);
+  client.close();
+  assert.equal(client.status, 'closed');
+  assert.throws(() => client.sendState('pos', [0, 0]), /not connected \(status: closed\)/);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.made.length, 1, 'close() during the backoff stops the reconnect');
+});
+
+test('the client does not queue when it will not reconnect', async () => {
+  const client = await joined({ reconnect: false });
+  FakeSocket.last().drop(1006);
+  assert.equal(client.status, 'closed');
+  assert.throws(() => client.sendEvent('x'), RelayError);
 });

@@ -252,6 +252,7 @@ class Client:
 
     def _take_welcome(self, ws: ClientConnection, welcome: Welcome) -> None:
         exact = (welcome.actor, welcome.epoch, welcome.offset) == (self.actor, self.epoch, self.offset)
+        same_seat = (welcome.actor, welcome.epoch) == (self.actor, self.epoch)
         self.ws = ws
         self.welcome = welcome
         if not exact:  # a fresh snapshot: the state starts over from here
@@ -261,8 +262,9 @@ class Client:
         self.resume_token = welcome.resume_token
         notice: Message = Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome)
         self._queue.put_nowait(notice)
-        if welcome.last_seq is not None:  # re-send what the server had not got, in order
-            again = [frame for seq, frame in self._sent if seq > welcome.last_seq]
+        if same_seat:  # re-send what the server had not got, in order (nil: it had none)
+            last = welcome.last_seq if welcome.last_seq is not None else -1
+            again = [frame for seq, frame in self._sent if seq > last]
             self._outgoing[:0] = again
             if again and (self._flush_task is None or self._flush_task.done()):
                 self._flush_task = asyncio.get_running_loop().create_task(self._write())
