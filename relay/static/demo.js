@@ -64,6 +64,7 @@ let mine = null;
 let pending = null;
 /** Where a click or a key asked to go; null when not walking. @type {Cell|null} */
 let target = null;
+let byKeys = false; // the target was set by the keys, not a click
 let lastStepAt = -Infinity;
 /** @type {ReturnType<typeof setTimeout>|undefined} */
 let stepTimer;
@@ -88,6 +89,11 @@ client.on('resynced', ({ actor, previousActor }) => {
   resyncs += 1;
   statusEl.dataset.resyncs = String(resyncs);
   log(`rejoined: actor ${previousActor} → ${actor}, fresh snapshot`);
+});
+// A client that resumes its seat after a break (same actor, nothing missed) says
+// 'resumed' instead; the relay kept our cell, so WELCOME above found it confirmed.
+client.on('resumed', ({ actor }) => {
+  log(`resumed as actor ${actor}, nothing missed`);
 });
 client.on('state', ({ from, key, data }) => {
   if (key !== 'pos') return;
@@ -124,11 +130,15 @@ client.on('error', ({ seq, code, message }) => {
   // not relayed: the relay still has us on the last confirmed cell.
   const refused = pending.cell;
   pending = null;
-  log(`move to ${fmt(refused)} refused (${code}): ${message}`);
-  if (!confirmed()) {
+  const placing = !confirmed();
+  log(`${placing ? 'place on' : 'move to'} ${fmt(refused)} refused (${code}): ${message}`);
+  if (placing) {
     // Not on the board yet: another player took that cell a moment before us.
     if (++placeTries < PLACE_TRIES && client.status === 'open') place(freeCell(refused));
-    else log('no free cell was accepted; reload to try again');
+    else {
+      log('no free cell was accepted; reload to try again');
+      render();
+    }
     return;
   }
   halt();
@@ -165,7 +175,8 @@ function isCell(/** @type {any} */ pos) {
 }
 
 const same = (/** @type {Cell} */ a, /** @type {Cell} */ b) => a[0] === b[0] && a[1] === b[1];
-const fmt = (/** @type {Cell} */ c) => `${c[0]},${c[1]}`;
+const cellKey = (/** @type {Cell} */ c) => `${c[0]},${c[1]}`; // a cell as a Map key
+const fmt = (/** @type {Cell} */ c) => `${c[0]}, ${c[1]}`; // a cell as the page shows it
 
 /** Our cell as the relay has it (from our own STATE, echoed back), or null. @returns {Cell|null} */
 function confirmed() {
@@ -177,49 +188,45 @@ function confirmed() {
 function others() {
   const cells = new Map();
   for (const [actor, values] of client.snapshot) {
-    if (actor !== client.actor && isCell(values.pos)) cells.set(fmt(values.pos), actor);
+    if (actor !== client.actor && isCell(values.pos)) cells.set(cellKey(values.pos), actor);
   }
   return cells;
 }
 
-const occupied = (/** @type {Cell} */ cell) => others().has(fmt(cell));
+const occupied = (/** @type {Cell} */ cell) => others().has(cellKey(cell));
 
 /** A random free cell, other than `avoid` (the board has room for far more than a room's members). */
 function freeCell(/** @type {Cell|null} */ avoid = null) {
   const taken = others();
-  if (avoid) taken.set(fmt(avoid), -1);
+  if (avoid) taken.set(cellKey(avoid), -1);
   /** @type {Cell[]} */
   const free = [];
   for (let y = 0; y < ROWS; y++) {
-    for (let x = 0; x < COLS; x++) if (!taken.has(`${x},${y}`)) free.push([x, y]);
+    for (let x = 0; x < COLS; x++) if (!taken.has(cellKey([x, y]))) free.push([x, y]);
   }
   return free[Math.floor(Math.random() * free.length)];
 }
 
 /**
- * The first step of a shortest path from `from` to `to` around the other players
- * (breadth-first over the board), or null when they wall it off.
+ * The first step of a shortest path from `from` to `to` around the other players,
+ * or null when they wall it off. Breadth-first from `to`: the cell from which the
+ * search first reaches `from` is the step to take.
  * @param {Cell} from @param {Cell} to @returns {Cell|null}
  */
 function firstStep(from, to) {
   const taken = others();
-  /** @type {Map<string, Cell>} cell -> the cell it was reached from */
-  const came = new Map([[fmt(from), from]]);
+  const seen = new Set([cellKey(to)]);
   /** @type {Cell[]} */
-  const queue = [from];
+  const queue = [to];
   for (let i = 0; i < queue.length; i++) {
     const here = queue[i];
-    if (same(here, to)) {
-      let cell = here; // walk the path back to the cell next to `from`
-      for (let back = came.get(fmt(cell)); back && !same(back, from); back = came.get(fmt(cell)))
-        cell = back;
-      return cell;
-    }
     for (const [dx, dy] of NEIGHBOURS) {
       /** @type {Cell} */
       const next = [here[0] + dx, here[1] + dy];
-      if (!isCell(next) || came.has(fmt(next)) || taken.has(fmt(next))) continue;
-      came.set(fmt(next), here);
+      if (same(next, from)) return here;
+      const key = cellKey(next);
+      if (!isCell(next) || seen.has(key) || taken.has(key)) continue;
+      seen.add(key);
       queue.push(next);
     }
   }
@@ -240,14 +247,15 @@ function place(/** @type {Cell} */ cell) {
   send(cell);
 }
 
-/** Walk to `cell` (a click), or take one step (a key: quiet about walls and players). */
-function goTo(/** @type {Cell} */ cell, quiet = false) {
+/** Walk to `cell`: a click, or a key's step (quiet about the edge and other players). */
+function goTo(/** @type {Cell} */ cell, keyStep = false) {
   if (client.status !== 'open' || !confirmed() || !isCell(cell)) return;
   if (occupied(cell)) {
-    if (!quiet) log(`${fmt(cell)} is taken`);
+    if (!keyStep) log(`${fmt(cell)} is taken`);
     return;
   }
   target = cell;
+  byKeys = keyStep;
   schedule();
   renderCell();
 }
@@ -299,10 +307,12 @@ window.addEventListener('keydown', (e) => {
     return;
   }
   const step = MOVES[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-  const from = pending?.cell ?? confirmed();
-  if (!step || !from) return;
+  const here = pending?.cell ?? confirmed();
+  if (!step || !here) return;
   e.preventDefault();
-  // One step on from where we are going: a held key walks, a step at a time.
+  // One step on. Quick presses queue their steps (each press is one), but a held
+  // key's repeats step on from where we are, so they do not pile up.
+  const from = !e.repeat && byKeys && target ? target : here;
   goTo([from[0] + step[0], from[1] + step[1]], true);
 });
 

@@ -7,6 +7,9 @@
 // "@@restart-server kill" (a crash: 1006) and waits for "ok" on stdin.
 // With SCREENSHOT=path set it saves a picture of the demo with three players.
 // Exits 0 when every scenario passed, 1 with the failing step otherwise.
+//
+// The room is a grid room, so the relay enforces the grid rules
+// (relay/rules/grid.py): one step at a time, never onto another player.
 
 import { createInterface } from 'node:readline';
 import { createRequire } from 'node:module';
@@ -104,6 +107,7 @@ async function markers(/** @type {import('playwright-core').Page} */ page) {
           y,
           name: el.dataset.name,
           self: el.hasAttribute('data-self'),
+          pending: el.hasAttribute('data-pending'),
         };
       }
       return out;
@@ -112,14 +116,57 @@ async function markers(/** @type {import('playwright-core').Page} */ page) {
   );
 }
 
-/** The page's own actor and cell, once it is connected and placed. */
+/** The cell the page's side panel says the relay confirmed, or null. */
+async function confirmedCell(/** @type {import('playwright-core').Page} */ page) {
+  const el = page.locator('[data-testid="cell"]');
+  const [x, y] = [await el.getAttribute('data-x'), await el.getAttribute('data-y')];
+  return x === null || y === null ? null : { x: Number(x), y: Number(y) };
+}
+
+/**
+ * The page's own actor and cell, once it is connected and placed: its marker
+ * stands still on the cell the relay confirmed (no move in flight), which the
+ * side panel shows too.
+ */
 async function self(/** @type {import('playwright-core').Page} */ page, /** @type {string} */ who) {
   return waitFor(`${who} to be connected and placed`, async () => {
     if ((await page.getAttribute('[data-testid="status"]', 'data-status')) !== 'open') return null;
     const seen = await markers(page);
     const [actor, m] = Object.entries(seen ?? {}).find(([, v]) => v.self) ?? [];
-    return actor ? { actor, x: m.x, y: m.y } : null;
+    if (!actor || m.pending) return null;
+    const cell = await confirmedCell(page);
+    return cell && cell.x === m.x && cell.y === m.y ? { actor, x: m.x, y: m.y } : null;
   });
+}
+
+/** Wait until the page shows itself settled on (x, y), confirmed by the relay. */
+async function settlesAt(page, who, x, y) {
+  await waitFor(`${who} to stand on ${x},${y}, confirmed`, async () => {
+    const me = await self(page, who);
+    return me.x === x && me.y === y;
+  });
+}
+
+/** The page's log, newest line first. */
+const logOf = (/** @type {import('playwright-core').Page} */ page) =>
+  page.locator('[data-testid="log"]').textContent();
+
+/**
+ * Record on `page` every pos that actor sends, as the page receives them; the
+ * returned function reads the record.
+ */
+async function trail(/** @type {import('playwright-core').Page} */ page, actor) {
+  const key = `trail${actor}`;
+  await page.evaluate(
+    ([key, actor]) => {
+      const seen = (window[key] = []);
+      window.relayDemo.client.on('state', ({ from, key: k, data }) => {
+        if (from === actor && k === 'pos') seen.push(data);
+      });
+    },
+    [key, Number(actor)],
+  );
+  return () => page.evaluate((key) => window[key], key);
 }
 
 /** Wait until page shows actor's marker at (x, y). */
@@ -172,10 +219,22 @@ const browser = await chromium.launch({
 });
 const problems = [];
 
-async function open(name) {
+/**
+ * Open the demo as player `name`. With `link`, its WebSocket goes through a
+ * route that holds what the relay sends while link.held is set (a lagging
+ * connection), and passes it on in order when release(link) is called.
+ */
+async function open(name, link = null) {
   const context = await browser.newContext({
     viewport: { width: 984, height: 600 },
   });
+  if (link) {
+    await context.routeWebSocket(/\/ws\//, (ws) => {
+      const server = ws.connectToServer(); // the page's messages go to the relay as they are
+      server.onMessage((message) => (link.held ? link.queue.push(message) : ws.send(message)));
+      link.toPage = ws;
+    });
+  }
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT_MS);
   page.on('pageerror', (err) => problems.push(`${name}: uncaught ${err.message}`));
@@ -187,6 +246,12 @@ async function open(name) {
   });
   await page.goto(`${BASE}/?room=${encodeURIComponent(ROOM)}&name=${name}`);
   return page;
+}
+
+/** Pass on what a lagging link held, in order, and stop holding. */
+function release(link) {
+  for (const message of link.queue.splice(0)) link.toPage.send(message);
+  link.held = false;
 }
 
 try {
@@ -207,18 +272,37 @@ try {
   await seesAt(bob, 'Bob', a.actor, next.x, next.y, 'Alice');
   a = { ...a, x: next.x, y: next.y };
 
-  say('Bob moves by clicking a cell; Alice sees it');
+  say('Bob clicks a far cell and walks there a step at a time; Alice sees him arrive');
   const target = farCell([a, b]);
+  const bobsTrail = await trail(alice, b.actor);
   await clickCell(bob, target.x, target.y);
   await seesAt(alice, 'Alice', b.actor, target.x, target.y, 'Bob');
+  await settlesAt(bob, 'Bob', target.x, target.y);
+  const steps = await bobsTrail();
+  const distance = Math.abs(target.x - b.x) + Math.abs(target.y - b.y);
+  let from = [b.x, b.y];
+  for (const cell of steps) {
+    if (Math.abs(cell[0] - from[0]) + Math.abs(cell[1] - from[1]) !== 1)
+      throw new Error(`Bob jumped from ${from} to ${cell}: ${JSON.stringify(steps)}`);
+    from = cell;
+  }
+  if (steps.length < distance)
+    throw new Error(
+      `Bob's walk of ${distance} steps took ${steps.length}: ${JSON.stringify(steps)}`,
+    );
   b = { ...b, ...target };
 
-  say("Alice sets off a boom; Bob sees Alice's ring");
+  say("Alice sets off a boom; Bob and Alice herself see Alice's ring");
   await alice.keyboard.press(' ');
-  await waitFor(
-    "Bob to see Alice's ring",
-    async () => (await bob.locator(`[data-testid="ring"][data-actor="${a.actor}"]`).count()) > 0,
-  );
+  for (const [who, page] of [
+    ['Bob', bob],
+    ['Alice', alice],
+  ]) {
+    await waitFor(
+      `${who} to see Alice's ring`,
+      async () => (await page.locator(`[data-testid="ring"][data-actor="${a.actor}"]`).count()) > 0,
+    );
+  }
 
   say('Carol joins late and sees everyone where they are');
   const carol = await open('Carol');
@@ -267,6 +351,37 @@ try {
     });
     await carol.screenshot({ path: SCREENSHOT });
   }
+
+  say('Dave lags: he steps onto a cell Alice took meanwhile, the relay refuses, and he goes back');
+  const link = { held: false, queue: [], toPage: null };
+  const dave = await open('Dave', link);
+  const d = await self(dave, 'Dave');
+  await seesAt(dave, 'Dave', a.actor, a.x, a.y, 'Alice');
+  await seesAt(alice, 'Alice', d.actor, d.x, d.y, 'Dave');
+  const contested = stepFrom(d, [a, b, c]); // next to Dave, free
+  link.held = true; // from here Dave's page hears nothing from the relay
+  await clickCell(alice, contested.x, contested.y);
+  await settlesAt(alice, 'Alice', contested.x, contested.y);
+  await seesAt(bob, 'Bob', a.actor, contested.x, contested.y, 'Alice');
+  await seesAt(dave, 'Dave (lagging)', a.actor, a.x, a.y, 'Alice still where she was');
+  await dave.keyboard.press(contested.key); // his page thinks the cell is free
+  await waitFor("Dave's move in flight", async () => {
+    const m = (await markers(dave))?.[d.actor];
+    return m?.pending && m.x === contested.x && m.y === contested.y;
+  });
+  release(link);
+  await settlesAt(dave, 'Dave', d.x, d.y);
+  await seesAt(dave, 'Dave', a.actor, contested.x, contested.y, 'Alice');
+  await seesAt(alice, 'Alice', d.actor, d.x, d.y, 'Dave, who never left his cell');
+  await waitFor("Dave's log to show the refusal", async () =>
+    /refused \(rejected\): cell \[\d+, \d+\] is taken/.test(await logOf(dave)),
+  );
+  a = { ...a, x: contested.x, y: contested.y };
+  await dave.context().close();
+  await waitFor(
+    'Alice to see Dave leave',
+    async () => (await alice.locator('[data-testid="members"] li').count()) === 3,
+  );
 
   const pages = [
     ['Alice', alice],
