@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings this version cannot honour, rather than ignore them."""
-    if settings.redis:
-        parser.error("--redis: the Redis backplane is not available in this version yet")
+    if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
+        parser.error("--redis must be a redis://, rediss:// or unix:// URL")
     from relay.rules.base import load, parse_rules_setting
 
     try:

@@ -29,9 +29,6 @@ class Settings:
     )
     redis_prefix: str = _setting("relay", "namespace for every Redis key and channel")
     redis_timeout_s: float = _setting(2.0, "Redis connect and command timeout; past it Redis counts as down")
-    redis_history: int = _setting(
-        128, "recent batches kept per room in Redis, to repair a cut subscription without closing clients"
-    )
     node_ttl_s: float = _setting(
         10.0, "a node silent this long (dead) has its players removed from rooms by the others (LEAVE 1006)"
     )
@@ -62,6 +59,7 @@ class Settings:
     flush_ms: float = _setting(0.0, "fixed flush tick in ms; 0 sends as soon as the socket can")
     ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
+    request_timeout_s: float = _setting(10.0, "time a new connection has to send its request headers")
     shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
     resume_window_s: float = _setting(10.0, "how long a broken connection's seat is held for resume")
     history_size: int = _setting(1000, "room messages kept per room for resume (0: none)")

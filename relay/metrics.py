@@ -66,6 +66,7 @@ class BackplaneStats:
         self.errors: Counter[str] = Counter()
         self.resyncs = 0  # rooms whose local seats were closed to start again
         self.repairs = 0  # rooms checked against Redis after a cut or a gap
+        self.replayed = 0  # entries a node missed and then delivered from a room's history
         self.connects = 0
         self.reaped = 0  # players of dead nodes removed
 
@@ -100,6 +101,7 @@ class BackplaneStats:
         yield m
         yield _counter("relay_backplane_resyncs", "rooms resynchronised (local seats closed)", self.resyncs)
         yield _counter("relay_backplane_repairs", "rooms checked against Redis after a cut", self.repairs)
+        yield _counter("relay_backplane_replayed", "missed entries delivered from history", self.replayed)
         yield _counter("relay_backplane_connects", "(re)connections to Redis", self.connects)
         yield _counter("relay_backplane_reaped", "players of dead nodes removed", self.reaped)
 

@@ -13,11 +13,11 @@ import os
 import socket
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import Multiprocess, multiprocess
 
 from relay import server
 from relay.config import Settings
-from relay.websocket import RelayWebSocketProtocol
+from relay.websocket import RelayHttpProtocol, RelayWebSocketProtocol
 
 
 class RelayServer(uvicorn.Server):
@@ -29,15 +29,25 @@ class RelayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class RelayWorker(multiprocess.Process):
+    """A ``--workers`` process that runs :class:`RelayServer` (uvicorn's runs a plain Server)."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = RelayServer(config=self.config)
+        return self._server
+
+
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
+    config = uvicorn.Config(
         "relay.server:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=RelayHttpProtocol,
         ws=RelayWebSocketProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,
@@ -48,6 +58,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,
     )
+    config.relay_request_timeout_s = settings.request_timeout_s  # read by RelayHttpProtocol
+    return config
 
 
 def serve(settings: Settings) -> None:
@@ -58,6 +70,7 @@ def serve(settings: Settings) -> None:
     relay_server = RelayServer(config)
     if settings.workers > 1:
         sock = config.bind_socket()
-        Multiprocess(config, target=relay_server.run, sockets=[sock]).run()
+        multiprocess.Process = RelayWorker  # type: ignore[misc]  # the supervisor makes workers by this name
+        Multiprocess(config, sockets=[sock]).run()
     else:
         relay_server.run()

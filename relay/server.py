@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ log = logging.getLogger("relay")
 MAX_PLAYER_ID = 64
 MAX_NAME = 64
 FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
+OFFSET = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes "²"
 
 
 class Relay:
@@ -262,6 +264,8 @@ class Connection:
         self.writer = asyncio.create_task(self._close_now(code, reason))
 
     async def _close_now(self, code: int, reason: str) -> None:
+        if self not in self.relay.connections:  # refused before joining: run() never counts it
+            self.stats.closes[code] += 1
         self.close_code = code
         with contextlib.suppress(OSError, RuntimeError):
             await self.send({"type": "websocket.close", "code": code, "reason": reason})
@@ -381,6 +385,8 @@ class Connection:
                     why = f"no member with actor {msg.to_actor} in this room"  # type: ignore[union-attr]
                     if self._reject(Invalid(msg.seq, ErrorCode.NO_SUCH_ACTOR, why), now):  # type: ignore[union-attr]
                         return
+                    continue
+            session.accepted(msg.seq)  # type: ignore[union-attr]
 
     def _check_rules(self, msg: Event | State | Direct) -> bytes | Reject:
         seat = self.seat
@@ -430,7 +436,7 @@ def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
         meta["name"] = name
     resume = one.get("resume") or None
     offset = one.get("offset")
-    if offset is not None and not offset.isdigit():
+    if offset is not None and not OFFSET.fullmatch(offset):
         return room, {}, "offset must be a non-negative integer"
     params = {
         "player": player, "echo": echo, "meta": meta, "token": one.get("token"),

@@ -71,8 +71,11 @@ class Session:
         last = self.last_seq
         if last is not None and seq <= last:
             return Invalid(seq, ErrorCode.BAD_SEQ, f"seq {seq} is not greater than {last}")
-        self.last_seq = seq
         return None
+
+    def accepted(self, seq: int) -> None:
+        """Record a move that was taken (relayed): only those advance the last seq."""
+        self.last_seq = seq
 
     def rejected(self, invalid: Invalid, now: float) -> CloseCode | None:
         """Count a rejection; a close code when the connection has used up its budget."""

@@ -34,9 +34,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 CLOSE_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
+PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
 EXTENSION = "relay.websocket"
 log = logging.getLogger("relay")
 
@@ -46,6 +49,23 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_TIMEOUT_S
         self.on_binary: Callable[[bytes], None] | None = None
+
+    def handle_ping(self) -> None:
+        # websockets answers every ping with a pong. A peer that floods pings and
+        # reads nothing would make those pongs pile up in memory: cut it off.
+        if self.transport.get_write_buffer_size() > PING_FLOOD_BYTES:
+            self.transport.abort()
+            return
+        super().handle_ping()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets refused the request (a line over 8 KiB, too many headers) and
+            # queued its 414/431 answer; uvicorn only writes on a valid request.
+            if not self.transport.is_closing():
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -119,4 +139,25 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _abort_if_open(self) -> None:
         if not self.disconnected and self.transport is not None:
+            self.transport.abort()
+
+
+class RelayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for the request headers (slowloris)."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
+        self._headers_deadline = self.loop.call_later(timeout, self._no_request)
+
+    def on_headers_complete(self) -> None:
+        self._headers_deadline.cancel()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _no_request(self) -> None:
+        if self.transport.get_protocol() is self and not self.transport.is_closing():
             self.transport.abort()

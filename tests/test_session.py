@@ -25,23 +25,39 @@ def code(result: Invalid | None) -> ErrorCode | None:
 # --- seq ----------------------------------------------------------------------------
 
 
+def take(s: Session, seq: int | None, now: float):
+    """Admit a message the way the server does: a move that passes is then accepted."""
+    result = s.admit(seq, now)
+    if result is None and seq is not None:
+        s.accepted(seq)
+    return result
+
+
+def test_an_admitted_move_that_is_rejected_later_does_not_advance_last_seq() -> None:
+    s = session(**ROOMY)
+    take(s, 5, 0.0)
+    assert s.admit(9, 0.0) is None  # passes the checks, then refused (rules, no such actor)
+    assert s.last_seq == 5
+    assert take(s, 6, 0.0) is None
+
+
 def test_first_seq_is_accepted_whatever_it_is() -> None:
     for first in (0, 1, -5, 2**63):
         s = session(**ROOMY)
         assert s.last_seq is None
-        assert s.admit(first, 0.0) is None
+        assert take(s, first, 0.0) is None
         assert s.last_seq == first
 
 
 def test_seq_must_strictly_increase() -> None:
     s = session(**ROOMY)
-    assert s.admit(1, 0.0) is None
-    assert s.admit(2, 0.0) is None
-    assert s.admit(10, 0.0) is None  # gaps are fine
-    same = s.admit(10, 0.0)
+    assert take(s, 1, 0.0) is None
+    assert take(s, 2, 0.0) is None
+    assert take(s, 10, 0.0) is None  # gaps are fine
+    same = take(s, 10, 0.0)
     assert isinstance(same, Invalid)
     assert (same.seq, same.code) == (10, ErrorCode.BAD_SEQ)
-    lower = s.admit(3, 0.0)
+    lower = take(s, 3, 0.0)
     assert isinstance(lower, Invalid)
     assert (lower.seq, lower.code) == (3, ErrorCode.BAD_SEQ)
     assert s.last_seq == 10
@@ -49,26 +65,26 @@ def test_seq_must_strictly_increase() -> None:
 
 def test_rejected_seq_does_not_advance_last_seq() -> None:
     s = session(**ROOMY)
-    s.admit(5, 0.0)
-    assert code(s.admit(4, 0.0)) is ErrorCode.BAD_SEQ
+    take(s, 5, 0.0)
+    assert code(take(s, 4, 0.0)) is ErrorCode.BAD_SEQ
     assert s.last_seq == 5
-    assert s.admit(6, 0.0) is None  # 6 is still next, not something after 4
+    assert take(s, 6, 0.0) is None  # 6 is still next, not something after 4
     assert s.last_seq == 6
 
 
 def test_ping_has_no_seq_and_does_not_touch_last_seq() -> None:
     s = session(**ROOMY)
-    s.admit(7, 0.0)
-    assert s.admit(None, 0.0) is None
-    assert s.admit(None, 0.0) is None
+    take(s, 7, 0.0)
+    assert take(s, None, 0.0) is None
+    assert take(s, None, 0.0) is None
     assert s.last_seq == 7
-    assert code(s.admit(7, 0.0)) is ErrorCode.BAD_SEQ
+    assert code(take(s, 7, 0.0)) is ErrorCode.BAD_SEQ
 
 
 def test_decoded_frame_through_admit() -> None:
     s = session(**ROOMY)
     frame = b"\x93\x01\x01\xa1a" + b"\x92\x09\x00" + b"\x93\x01\x01\xa1b" + b"\x94\x02\x02\xa1k\x00"
-    results = [s.admit(seq_of(m), 0.0) for m in decode_frame(frame, max_message_bytes=100)]
+    results = [take(s, seq_of(m), 0.0) for m in decode_frame(frame, max_message_bytes=100)]
     assert [code(r) for r in results] == [None, None, ErrorCode.BAD_SEQ, None]
     assert s.last_seq == 2
 
@@ -86,25 +102,25 @@ def test_seq_of() -> None:
 
 def test_burst_then_rate_limited() -> None:
     s = session(max_msgs_per_s=10.0, burst=5)
-    assert [s.admit(seq, 0.0) for seq in range(1, 6)] == [None] * 5
-    limited = s.admit(6, 0.0)
+    assert [take(s, seq, 0.0) for seq in range(1, 6)] == [None] * 5
+    limited = take(s, 6, 0.0)
     assert isinstance(limited, Invalid)
     assert (limited.seq, limited.code) == (6, ErrorCode.RATE_LIMITED)
 
 
 def test_rate_limited_seq_is_not_taken() -> None:
     s = session(max_msgs_per_s=10.0, burst=1)
-    assert s.admit(1, 0.0) is None
-    assert code(s.admit(2, 0.0)) is ErrorCode.RATE_LIMITED
+    assert take(s, 1, 0.0) is None
+    assert code(take(s, 2, 0.0)) is ErrorCode.RATE_LIMITED
     assert s.last_seq == 1
-    assert s.admit(2, 0.5) is None  # the same seq again, once a token is back
+    assert take(s, 2, 0.5) is None  # the same seq again, once a token is back
 
 
 def test_pings_count_against_the_rate() -> None:
     s = session(max_msgs_per_s=10.0, burst=2)
-    assert s.admit(None, 0.0) is None
-    assert s.admit(None, 0.0) is None
-    assert code(s.admit(None, 0.0)) is ErrorCode.RATE_LIMITED
+    assert take(s, None, 0.0) is None
+    assert take(s, None, 0.0) is None
+    assert code(take(s, None, 0.0)) is ErrorCode.RATE_LIMITED
 
 
 def test_tokens_refill_at_the_sustained_rate() -> None:
@@ -114,7 +130,7 @@ def test_tokens_refill_at_the_sustained_rate() -> None:
     def send(now: float) -> ErrorCode | None:
         nonlocal seq
         seq += 1
-        return code(s.admit(seq, now))
+        return code(take(s, seq, now))
 
     for _ in range(5):
         assert send(0.0) is None
@@ -127,19 +143,19 @@ def test_tokens_refill_at_the_sustained_rate() -> None:
 
 def test_refill_is_capped_at_burst() -> None:
     s = session(max_msgs_per_s=10.0, burst=3)
-    results = [code(s.admit(seq, 1000.0)) for seq in range(1, 6)]  # idle for a long time first
+    results = [code(take(s, seq, 1000.0)) for seq in range(1, 6)]  # idle for a long time first
     assert results == [None, None, None, ErrorCode.RATE_LIMITED, ErrorCode.RATE_LIMITED]
 
 
 def test_sustained_rate_is_admitted_forever() -> None:
     s = session(max_msgs_per_s=100.0, burst=1)
     for i in range(1, 2000):
-        assert s.admit(i, i * 0.0101) is None  # just under 100/s (exactly 100/s is float luck)
+        assert take(s, i, i * 0.0101) is None  # just under 100/s (exactly 100/s is float luck)
 
 
 def test_faster_than_the_rate_is_limited_to_the_rate() -> None:
     s = session(max_msgs_per_s=10.0, burst=10)
-    admitted = sum(s.admit(i, i * 0.01) is None for i in range(1, 1001))  # 100/s for 10 s
+    admitted = sum(take(s, i, i * 0.01) is None for i in range(1, 1001))  # 100/s for 10 s
     assert 10 + 95 <= admitted <= 10 + 101
 
 
@@ -167,8 +183,8 @@ def test_byte_budget_refills_at_the_rate_up_to_the_burst() -> None:
 def test_byte_and_message_budgets_are_separate() -> None:
     s = session(max_bytes_per_s=100, burst_bytes=100, max_frame_bytes=100, max_message_bytes=100, max_msgs_per_s=1.0, burst=1)
     assert s.admit_frame(100, 0.0) is None
-    assert s.admit(1, 0.0) is None  # messages still have their own token
-    assert code(s.admit(2, 0.0)) is ErrorCode.RATE_LIMITED
+    assert take(s, 1, 0.0) is None  # messages still have their own token
+    assert code(take(s, 2, 0.0)) is ErrorCode.RATE_LIMITED
     assert code(s.admit_frame(1, 0.0)) is ErrorCode.RATE_LIMITED
 
 
@@ -244,7 +260,7 @@ def test_admit_and_rejected_together_end_a_flooding_client() -> None:
     s = session(max_msgs_per_s=10.0, burst=5, max_rate_errors=10, errors_window_s=10.0)
     closes = []
     for seq in range(1, 100):
-        problem = s.admit(seq, 0.0)
+        problem = take(s, seq, 0.0)
         if problem is not None:
             close = s.rejected(problem, 0.0)
             if close is not None:

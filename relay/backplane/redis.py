@@ -108,7 +108,11 @@ class RedisBackplane:
         self.node_id = secrets.token_hex(8)
         self.stats = BackplaneStats()
         self.link = RedisLink(
-            settings.redis, timeout=settings.redis_timeout_s, on_message=self._on_message, on_lost=self._lost_link
+            settings.redis,
+            timeout=settings.redis_timeout_s,
+            name=f"relay:{settings.port}",
+            on_message=self._on_message,
+            on_lost=self._lost_link,
         )
         sharded_src = {name: getattr(lua, name) for name in ("SEQUENCE", "JOIN", "LEAVE", "REMOVE_SEATED_BY", "READ")}
         self._sha = {
@@ -122,6 +126,7 @@ class RedisBackplane:
         self._dirty: dict[str, _Room] = {}
         self._batches = itertools.count(1)
         self._up = False
+        self._closed = False
         self._broken = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,7 +177,7 @@ class RedisBackplane:
         while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain
-        if self._up:
+        if self._up and self.link.client is not None:
             with contextlib.suppress(*FAILURES):
                 pipe = self.link.pipeline()
                 pipe.delete(self._node_key(self.node_id))
@@ -180,11 +185,12 @@ class RedisBackplane:
                     pipe.delete(self._node_rooms_key(self.node_id))
                     pipe.srem(self._nodes_key, self.node_id)
                 await pipe.execute()
-        for task in [*self._tasks, *self._spawned]:
+        self._closed = True  # redis-py may turn a cancellation into a connection error: loops check this
+        tasks = [*self._tasks, *self._spawned]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._spawned]:
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.redis_timeout_s)
         await self.link.close()
         self._up = False
 
@@ -202,7 +208,7 @@ class RedisBackplane:
         self._enqueue(r, _Op("claim"))
         try:
             await self.link.subscribe(r.channel)
-        except FAILURES as exc:
+        except Exception as exc:
             self._lost_link(exc)
             raise Unavailable("the Redis backplane is unavailable") from exc
 
@@ -268,7 +274,7 @@ class RedisBackplane:
     # --- the flusher: one pipeline in flight -------------------------------------------
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty and self._up:
@@ -322,7 +328,7 @@ class RedisBackplane:
                 await self.link.load_scripts()
 
     def _command(self, pipe: Any, r: _Room, op: _Op) -> None:
-        history = self.settings.redis_history
+        history = self.settings.history_size
         kind = op.kind
         if kind == "moves":
             args: list[Any] = [history, op.epoch, self.node_id, op.batch]
@@ -451,7 +457,7 @@ class RedisBackplane:
             r.holding = []
         try:
             reply = await self.link.client.evalsha(
-                self._script("READ"), 1, r.meta, self.settings.redis_history, r.floor if r.epoch else -1
+                self._script("READ"), 1, r.meta, self.settings.history_size, r.floor if r.epoch else -1
             )
         except FAILURES as exc:
             self._lost_link(exc)  # the next reconnect repairs it
@@ -472,6 +478,9 @@ class RedisBackplane:
                 r.floor = offset  # the room goes on from here; its seats here rejoin
                 held = [items for items in held if items[1] > offset]
             else:
+                self.stats.replayed += sum(
+                    1 for b in batches for i in range((len(b) - 2) // 5) if b[1] + i > r.floor
+                )
                 held = batches + held
         for items in held:
             if items[0].decode() != r.epoch or items[1] + (len(items) - 2) // 5 - 1 > r.floor:
@@ -480,6 +489,8 @@ class RedisBackplane:
     # --- liveness: reconnect, heartbeat, reaping -------------------------------------------
 
     def _lost_link(self, exc: BaseException) -> None:
+        if self._closed:
+            return
         if self._up:
             log.warning("redis backplane: connection lost (%s); moves are refused until it is back", exc)
             self.stats.errors["connection"] += 1
@@ -488,7 +499,7 @@ class RedisBackplane:
 
     async def _supervise(self) -> None:
         delay = 0.05
-        while True:
+        while not self._closed:
             await self._broken.wait()
             self._broken.clear()
             for r in self._rooms.values():
@@ -534,7 +545,7 @@ class RedisBackplane:
         """Heartbeat every 0.15 node_ttl_s; look for dead nodes every 0.2 node_ttl_s."""
         ttl = self.settings.node_ttl_s
         next_reap = 0.0
-        while True:
+        while not self._closed:
             await asyncio.sleep(ttl * 0.15)
             if not self._up:
                 continue
@@ -564,7 +575,7 @@ class RedisBackplane:
             rooms = [room.decode() for room in await client.smembers(self._node_rooms_key(node))]
             pipe = self.link.pipeline()
             for room in rooms:
-                args = [self.settings.redis_history, node + "/", 1006]
+                args = [self.settings.history_size, node + "/", 1006]
                 self.link.evalsha(pipe, self._script("REMOVE_SEATED_BY"), self._room_meta(room), args)
             removed = sum(r[0] for r in await pipe.execute()) if rooms else 0
             pipe = self.link.pipeline()
@@ -576,6 +587,28 @@ class RedisBackplane:
 
     def _room_meta(self, room: str) -> str:
         return "{%s:%s}:meta" % (self.prefix, room)
+
+    async def history(self, room: str, after: int, epoch: str) -> list[Entry] | None:
+        """The entries after ``after`` up to what this node has delivered (so that the
+        live stream goes on right after them), or None when Redis cannot give them all."""
+        r = self._rooms.get(room)
+        if r is None or not self._up or r.epoch != epoch or not 0 <= after <= r.floor:
+            return None
+        while True:
+            try:
+                reply = await self.link.client.evalsha(
+                    self._script("READ"), 1, r.meta, self.settings.history_size, after
+                )
+            except FAILURES:
+                return None
+            if not reply or reply[0].decode() != epoch or r.epoch != epoch or after > reply[1]:
+                return None
+            if reply[1] >= r.floor:  # else deliveries overtook the read: read again
+                break
+        batches = [msgpack.unpackb(b, raw=True) for b in reply[4]]
+        if after < r.floor and (not batches or batches[0][1] > after + 1):
+            return None
+        return [e for b in batches for e in _entries(b, b[1]) if after < e.offset <= r.floor]
 
     # --- reading rooms (HTTP) ----------------------------------------------------------
 

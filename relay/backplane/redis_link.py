@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 from collections import defaultdict, deque
@@ -53,32 +54,51 @@ class Subscriber:
         self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._pongs: deque[asyncio.Future[None]] = deque()
         self._reader: asyncio.Task[None] | None = None
+        self.started: asyncio.Future[None] | None = None  # the connect; everyone waits for it
         self.lost = False
 
-    async def start(self) -> None:
+    async def start(self, timeout: float) -> None:
+        if self.started is None:
+            self.started = asyncio.ensure_future(asyncio.wait_for(self._connect(), timeout))
+        try:
+            await asyncio.shield(self.started)
+        except Exception:
+            self.lost = True  # the next caller makes a new connection
+            raise
+
+    async def _connect(self) -> None:
         await self.conn.connect()
         self._reader = asyncio.create_task(self._read())
 
+    async def _send(self, *args: Any) -> None:
+        # Never on a lost connection: redis-py would reconnect inside send_command,
+        # reading the handshake while our reader reads too.
+        if self.lost:
+            raise ConnectionError("subscription lost")
+        await self.conn.send_command(*args)
+
     async def subscribe(self, channel: bytes, timeout: float) -> None:
         """Subscribe and wait until Redis confirms: from then on nothing published is missed."""
+        await self.start(timeout)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._confirm[channel].append(future)
-        await self.conn.send_command("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
+        await self._send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
         await asyncio.wait_for(future, timeout)
 
     async def unsubscribe(self, channel: bytes) -> None:
-        if not self.lost:
-            await self.conn.send_command("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
+        await self._send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
 
     async def ping(self, timeout: float) -> None:
         """A round trip on the subscription itself: a half-open connection shows up here."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pongs.append(future)
-        await self.conn.send_command("PING")
+        await self._send("PING")
         await asyncio.wait_for(future, timeout)
 
     async def close(self) -> None:
         self.lost = True
+        if self.started is not None:
+            self.started.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -92,6 +112,8 @@ class Subscriber:
         try:
             while True:
                 reply = await conn.read_response(timeout=math.inf, push_request=True)
+                if isinstance(reply, (bytes, str)):  # PING's answer: b"PONG" (some versions: [b"pong", b""])
+                    reply = [b"pong"]
                 kind = reply[0]
                 if kind == b"smessage" or kind == b"message":
                     on_message(reply[1], reply[2])
@@ -133,11 +155,13 @@ class RedisLink:
         url: str,
         *,
         timeout: float,
+        name: str,
         on_message: Callable[[bytes, bytes], None],
         on_lost: Callable[[BaseException], None],
     ) -> None:
         self.url = url
         self.timeout = timeout
+        self.name = name  # CLIENT SETNAME of every connection: which relay it is, in CLIENT LIST
         self.on_message = on_message
         self.on_lost = on_lost
         self.client: Any = None
@@ -154,6 +178,7 @@ class RedisLink:
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
             "socket_keepalive": True,
+            "client_name": self.name,
         }
 
     async def connect(self) -> None:
@@ -175,8 +200,6 @@ class RedisLink:
 
     def script(self, source: str) -> str:
         """Register a script; its SHA1 for :meth:`evalsha`."""
-        import hashlib
-
         sha = hashlib.sha1(source.encode()).hexdigest()
         self._scripts[sha] = source
         return sha
@@ -204,12 +227,12 @@ class RedisLink:
 
     async def unsubscribe(self, channel: bytes) -> None:
         subscriber = self._subscribers.get(self._server_of(channel))
-        if subscriber is not None and not subscriber.lost:
+        if subscriber is not None and subscriber.started is not None and subscriber.started.done():
             with contextlib.suppress(*FAILURES):
                 await subscriber.unsubscribe(channel)
 
     async def ping_subscribers(self) -> None:
-        await asyncio.gather(*(s.ping(self.timeout) for s in list(self._subscribers.values())))
+        await asyncio.gather(*(s.ping(self.timeout) for s in list(self._subscribers.values()) if s.started))
 
     def subscribers_up(self) -> bool:
         return not any(s.lost for s in self._subscribers.values())
@@ -243,9 +266,4 @@ class RedisLink:
             conn = self.client.connection_pool.make_connection()
         subscriber = Subscriber(conn, sharded=self.sharded, on_message=self.on_message, on_lost=self.on_lost)
         self._subscribers[server] = subscriber
-        try:
-            await asyncio.wait_for(subscriber.start(), self.timeout)
-        except BaseException:
-            subscriber.lost = True
-            raise
         return subscriber

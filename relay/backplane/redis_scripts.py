@@ -13,8 +13,8 @@ five items per entry: the entry's type, its actor, its STATE key as msgpack
 bytes (empty otherwise), the length of its raw ``data`` (the tail of the head),
 and its complete wire bytes. ``data`` is never decoded, in Lua or on the nodes.
 The same message is appended to the room's recent history (a stream whose ids
-are ``0-<last offset>``), from which a node that lost its subscription replays
-what it missed.
+are ``0-<last offset>``, trimmed to about ``history_size`` entries), from which
+a node that lost its subscription replays what it missed, and a player resumes.
 
 Keys of room R with prefix P (tag ``{P:R}``):
 
@@ -71,8 +71,8 @@ local function publish()
   for i = 1, #out do msg[i + 2] = out[i] end
   local payload = cmsgpack.pack(msg)
   redis.call('%(publish)s', CHANNEL, payload)
-  if HISTORY > 0 then
-    redis.call('XADD', K_LOG, 'MAXLEN', '~', HISTORY, '0-' .. OFFSET, 'b', payload)
+  if HISTORY > 0 then  -- keeps at least the last HISTORY entries (whole batches)
+    redis.call('XADD', K_LOG, 'MINID', '~', '0-' .. math.max(OFFSET - HISTORY, 0), '0-' .. OFFSET, 'b', payload)
   end
 end
 

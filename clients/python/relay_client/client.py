@@ -242,6 +242,9 @@ class Client:
                 await asyncio.sleep(delay)  # backoff between reconnection attempts
                 delay = min(delay * 2, 2.0)
                 continue
+            if self._closing:  # close() was called while we were reconnecting
+                await ws.close()
+                return False
             self._take_welcome(ws, welcome)
             for message in rest:
                 if message is not None:

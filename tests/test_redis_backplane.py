@@ -1,0 +1,186 @@
+"""The Redis backplane in process, against a real redis-server: its contract, edge by edge."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from relay import protocol
+from relay.backplane.base import RoomFull
+from relay.backplane.redis import RedisBackplane
+from relay.config import Settings
+from relay.protocol import MsgType
+from relay.room import Entry, event_entry, state_entry
+from tests.redisproc import command
+from tests.relayproc import timeout
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
+
+
+class Recorder:
+    """A node stand-in: records what the backplane delivers."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.directs: list[tuple[int, bytes]] = []
+        self.resynced: list[str] = []
+        self.changed = asyncio.Event()
+
+    def deliver(self, room: str, entries: list[Entry]) -> None:
+        self.entries.extend(entries)
+        self.changed.set()
+
+    def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None:
+        self.directs.append((to_actor, wire))
+        self.changed.set()
+
+    def resync(self, room: str) -> None:
+        self.resynced.append(room)
+        self.changed.set()
+
+    async def until(self, condition: Any, seconds: float = 5) -> None:
+        async with asyncio.timeout(timeout(seconds)):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def started(redis_server) -> AsyncIterator[Any]:
+    made: list[RedisBackplane] = []
+
+    async def start(**settings: Any) -> tuple[RedisBackplane, Recorder]:
+        backplane = RedisBackplane(Settings(redis=redis_server.url, **settings))
+        recorder = Recorder()
+        await backplane.start(recorder)
+        assert backplane.ready()
+        made.append(backplane)
+        return backplane, recorder
+
+    yield start
+    for backplane in made:
+        await backplane.close()
+
+
+async def test_offsets_are_encoded_exactly_as_msgpack_does(started, redis_server):
+    backplane, seen = await started()
+    for start in (120, 250, 65530, 2**32 - 3):  # rooms already this far: across every integer width
+        room = f"r{start}"
+        command(redis_server.port, "HSET", "{relay:%s}:meta" % room, "e", "ep", "o", str(start), "a", "1")
+        await backplane.subscribe(room)
+        joined = await backplane.join(room, "p", {}, max_players=8)
+        assert joined.offset == start + 1
+        await seen.until(lambda: seen.entries and seen.entries[-1].offset == start + 1)  # noqa: B023
+        assert seen.entries[-1].wire == protocol.join_head(1, "p", {}) + msgpack.packb(start + 1)
+        seen.entries.clear()
+        backplane.publish(room, [event_entry(joined.member.actor, i, protocol.pack(i)) for i in range(6)])
+        await seen.until(lambda: len(seen.entries) == 6)
+        for i, entry in enumerate(seen.entries):
+            assert entry.offset == start + 2 + i
+            head = protocol.event_head(joined.member.actor, i, protocol.pack(i))
+            assert entry.wire == head + msgpack.packb(entry.offset)
+            assert entry.value == protocol.pack(i)  # the data, cut from the wire bytes
+    assert seen.resynced == []
+
+
+async def test_snapshot_keeps_raw_bytes_and_follows_state_and_leave(started):
+    a, seen_a = await started()
+    b, _ = await started()
+    await a.subscribe("r")
+    await b.subscribe("r")
+    x = (await a.join("r", "x", {"name": "X"}, max_players=8)).member.actor
+    raw = protocol.pack({"deep": [1, 2, {"x": b"\x00\xff"}]})
+    a.publish("r", [state_entry(x, "k", raw), state_entry(x, 7, protocol.pack("int key")), state_entry(x, "gone", b"\x01")])
+    a.publish("r", [state_entry(x, "gone", protocol.NIL)])
+    await seen_a.until(lambda: len(seen_a.entries) == 5)
+    joined = await b.join("r", "y", {}, max_players=8)
+    assert joined.snapshot == {x: {"k": raw, 7: protocol.pack("int key")}}
+    assert joined.members == [(x, "x", {"name": "X"}), (joined.member.actor, "y", {})]
+    assert [e.key for e in seen_a.entries if e.kind is MsgType.STATE] == ["k", 7, "gone", "gone"]
+    await a.leave("r", x, 1000)
+    await seen_a.until(lambda: seen_a.entries[-1].kind is MsgType.LEAVE)
+    state = await b.room("r")
+    assert state is not None and state.snapshot == {} and list(state.members) == [joined.member.actor]
+
+
+async def test_room_full_and_an_empty_room_coming_back_with_a_new_epoch(started):
+    backplane, seen = await started()
+    await backplane.subscribe("r")
+    first = await backplane.join("r", "p1", {}, max_players=1)
+    with pytest.raises(RoomFull):
+        await backplane.join("r", "p2", {}, max_players=1)
+    await backplane.leave("r", first.member.actor, 1000)
+    await seen.until(lambda: any(e.kind is MsgType.LEAVE for e in seen.entries))
+    assert await backplane.room("r") is None
+    again = await backplane.join("r", "p2", {}, max_players=1)
+    assert again.epoch != first.epoch and again.offset == 1 and again.member.actor == 1
+
+
+async def test_a_batch_sent_twice_is_applied_once(started, redis_server):
+    backplane, seen = await started()
+    await backplane.subscribe("r")
+    joined = await backplane.join("r", "p", {}, max_players=8)
+    head = protocol.event_head(1, 1, protocol.pack("once"))
+    args = [0, joined.epoch, backplane.node_id, 99, 1, 1, "", len(protocol.pack("once")), head]
+    sha = backplane._script("SEQUENCE")
+    client = backplane.link.client
+    assert await client.evalsha(sha, 1, "{relay:r}:meta", *args) == [1, 2]
+    assert await client.evalsha(sha, 1, "{relay:r}:meta", *args) == [0]  # a retry after a lost reply
+    await seen.until(lambda: seen.entries[-1].offset == 2)
+    await asyncio.sleep(0.05)
+    assert [e.offset for e in seen.entries] == [1, 2]
+
+
+async def test_scripts_are_reloaded_when_redis_forgot_them(started, redis_server):
+    backplane, seen = await started()
+    await backplane.subscribe("r")
+    actor = (await backplane.join("r", "p", {}, max_players=8)).member.actor
+    assert command(redis_server.port, "SCRIPT", "FLUSH") == b"+OK\r\n"
+    backplane.publish("r", [event_entry(actor, 1, protocol.pack("after flush"))])
+    await seen.until(lambda: seen.entries[-1].kind is MsgType.EVENT)
+    assert seen.entries[-1].value == protocol.pack("after flush")
+
+
+async def test_direct_goes_to_the_room_channel(started):
+    a, seen_a = await started()
+    b, seen_b = await started()
+    for backplane in (a, b):
+        await backplane.subscribe("r")
+    b.direct("r", 5, b"\x94\x03\x01\x01\xa1x")
+    await seen_a.until(lambda: seen_a.directs == [(5, b"\x94\x03\x01\x01\xa1x")])
+
+
+async def test_history_gives_the_entries_after_an_offset(started):
+    backplane, seen = await started(history_size=5)
+    await backplane.subscribe("r")
+    joined = await backplane.join("r", "p", {}, max_players=8)
+    for i in range(250):  # batches of one; Redis trims whole stream nodes (100 entries)
+        backplane.publish("r", [event_entry(joined.member.actor, i, protocol.pack(i))])
+        await seen.until(lambda: len(seen.entries) == i + 2)  # noqa: B023
+    history = await backplane.history("r", 248, joined.epoch)
+    assert [e.offset for e in history] == [249, 250, 251] and history[-1].value == protocol.pack(249)
+    assert await backplane.history("r", 251, joined.epoch) == []
+    assert await backplane.history("r", 248, "another-epoch") is None
+    assert await backplane.history("r", 1, joined.epoch) is None  # trimmed away: at least 5 are kept
+
+
+async def test_a_dead_nodes_players_are_reaped_by_a_live_one(started):
+    live, seen = await started(node_ttl_s=1)
+    dead, _ = await started(node_ttl_s=1)
+    await live.subscribe("r")
+    await dead.subscribe("r")
+    await live.join("r", "stays", {}, max_players=8)
+    doomed = (await dead.join("r", "doomed", {}, max_players=8)).member.actor
+    for task in dead._tasks:  # it stops beating, as a killed process would
+        task.cancel()
+    await dead.link.close()
+    dead._up = False
+    await seen.until(lambda: any(e.kind is MsgType.LEAVE for e in seen.entries), seconds=3)
+    leave = seen.entries[-1]
+    assert (leave.actor, leave.wire) == (doomed, protocol.with_offset(protocol.leave_head(doomed, 1006), leave.offset))
+    state = await live.room("r")
+    assert state is not None and [m.player for m in state.members.values()] == ["stays"]

@@ -1,0 +1,63 @@
+"""The Redis backplane on a real 3-master Redis Cluster (sharded pub/sub)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay_client import Event, Join, State, connect, open_client
+from tests.helpers import collect, next_of
+from tests.redisproc import command
+from tests.test_e2e_order import MOVES, room_messages, send_moves
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
+
+
+def shard_of(cluster, key: str) -> int:
+    """The port of the master that owns ``key`` (the others answer -MOVED)."""
+    for master in cluster.masters:
+        if command(master.port, "EXISTS", key).startswith(b":"):
+            return master.port
+    raise AssertionError(f"no master holds {key}")
+
+
+async def test_rooms_on_every_shard_relay_in_one_order(redis_cluster, redis_relays):
+    a, b = redis_relays(redis_cluster.url, 2)
+    rooms = [f"cluster:room-{i}" for i in range(6)]
+    for name in rooms:
+        async with connect(a.url, name, player="x") as x, connect(b.url, name, player="y") as y:
+            assert (await next_of(x, Join)).player == "y"
+            y.send_state("pos", name)
+            x.send_event(name)
+            assert (await next_of(x, State)).data == name
+            assert (await next_of(y, Event)).data == name
+    # A room's keys carry its hash tag: all on one shard. Together, the rooms used every shard.
+    owners = {shard_of(redis_cluster, "{relay:%s}:meta" % name) for name in rooms}
+    assert len(owners) == 3, owners
+
+
+async def test_one_order_across_two_relays_on_a_cluster(redis_cluster, redis_relays, room):
+    a, b = redis_relays(redis_cluster.url, 2)
+    async with connect(a.url, room, player="w1") as w1, connect(b.url, room, player="w2") as w2:
+        senders = [await open_client((a, b)[i % 2].url, room, player=f"s{i}") for i in range(2)]
+        try:
+            expected = 2 * (MOVES + MOVES // 10)
+            done = lambda ms: len(room_messages(ms)) >= expected  # noqa: E731
+            watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
+            await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
+            seen1, seen2 = await asyncio.gather(*watching)
+            late = await open_client(b.url, room, player="late")  # its snapshot comes from the room's shard
+            assert {actor: v["score"][1] for actor, v in late.welcome.snapshot.items()} == {
+                s.actor: MOVES - 1 for s in senders
+            }
+            await late.close()
+        finally:
+            for s in senders:
+                await s.close()
+    order1 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen1)]
+    order2 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen2)]
+    assert order1 == order2
+    offsets = [o for _, _, o, _ in order1]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    assert a.get_json("/rooms")["rooms"] == []  # everyone left: the room is gone from every shard

@@ -1,0 +1,136 @@
+"""The Redis backplane when things fail: a killed node, a Redis restart, a cut subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+
+import pytest
+
+from relay_client import Error, Event, Leave, Resynced, State, connect, open_client
+from tests.helpers import closed, collect, next_of
+from tests.redisproc import command, ready, wait_until
+from tests.relayproc import timeout
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
+
+TTL = 2.0  # node_ttl_s in these tests
+
+
+def metric(relay, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", relay.get_text("/metrics"), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def kill_subscription(redis_port: int, relay_port: int) -> None:
+    """Have Redis drop one relay's subscriber connection (its connections are named relay:PORT)."""
+    clients = command(redis_port, "CLIENT", "LIST", "TYPE", "pubsub").decode()
+    ids = re.findall(rf"id=(\d+) .*name=relay:{relay_port} ", clients)
+    assert ids, clients
+    for client_id in ids:
+        assert command(redis_port, "CLIENT", "KILL", "ID", client_id) == b":1\r\n"
+
+
+async def test_a_killed_nodes_players_leave_within_node_ttl(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL)
+    async with connect(a.url, room, player="stays") as stays:
+        doomed = await open_client(b.url, room, player="doomed", auto_resume=False)
+        doomed.send_state("pos", [1, 2])
+        await next_of(stays, State)
+        assert doomed.actor in stays.snapshot
+        killed = time.monotonic()
+        b.proc.send_signal(signal.SIGKILL)  # no goodbye: only its heartbeat stops
+        leave = await next_of(stays, Leave, seconds=TTL * 3)
+        took = time.monotonic() - killed
+        assert (leave.actor, leave.code) == (doomed.actor, 1006)
+        assert took <= timeout(TTL) + 0.5, took  # node_ttl_s, plus the reap script's time
+        assert doomed.actor not in stays.snapshot and doomed.actor not in stays.members
+        detail = a.get_json(f"/rooms/{room}")
+        assert [m["player"] for m in detail["members"]] == ["stays"] and detail["snapshot_keys"] == 0
+        stays.send_direct(stays.actor, "still here")  # the room goes on
+        await next_of(stays, object)
+        await doomed.close()
+
+
+async def test_redis_restart_refuses_moves_then_resynchronises_rooms(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL)
+    x = await open_client(a.url, room, player="x", auto_resume=False)
+    y = await open_client(b.url, room, player="y")  # this one resumes by itself, as apps do
+    try:
+        x.send_event("before")
+        assert (await next_of(y, Event)).data == "before"
+        redis_server.stop()  # SIGKILL: a crash, with nothing kept
+        wait_until(lambda: not ready(a) and not ready(b), 10, "readyz to report the outage")
+        seq = x.send_event("during")  # refused, and the client is told
+        error = await next_of(x, Error)
+        assert (error.ref_seq, error.code) == (seq, "unavailable")
+        redis_server.start()
+        wait_until(lambda: ready(a) and ready(b), 15, "readyz to report the backplane back")
+        # The room's state is gone from Redis: both nodes close their seats with 1011...
+        assert (await closed(x, seconds=10)).code == 1011
+        resynced = await next_of(y, Resynced, seconds=15)  # ...and y's client came back fresh
+        assert [m.player for m in resynced.welcome.members] == ["y"]
+        async with connect(a.url, room, player="x") as again:  # x rejoins and plays on
+            again.send_event("after")
+            assert (await next_of(y, Event)).data == "after"
+        assert metric(a, "relay_backplane_resyncs_total") >= 1
+    finally:
+        await x.close()
+        await y.close()
+
+
+async def test_join_during_an_outage_is_told_to_come_back_later(redis_server, redis_relays, room):
+    (a,) = redis_relays(redis_server.url, 1)
+    redis_server.stop()
+    wait_until(lambda: not ready(a), 10, "readyz to report the outage")
+    with pytest.raises(Exception) as refused:
+        await open_client(a.url, room, player="late")
+    assert getattr(refused.value, "code", None) == 1013
+    assert a.get_json("/healthz") == {"status": "ok"}  # down, not dead
+    redis_server.start()
+    wait_until(lambda: ready(a), 15, "the backplane to come back")
+    async with connect(a.url, room, player="late") as late:
+        assert [m.player for m in late.welcome.members] == ["late"]
+
+
+async def test_a_cut_subscription_is_repaired_from_history_without_loss(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL)
+    async with connect(a.url, room, player="watch", auto_resume=False) as watch:
+        mover = await open_client(b.url, room, player="mover", auto_resume=False)
+        try:
+            refused: set[int] = set()
+            sent: dict[int, int] = {}
+
+            async def move() -> None:
+                for i in range(150):
+                    sent[mover.send_event(i)] = i
+                    if i == 50:  # Redis drops the watcher's node (as under its output-buffer limit)
+                        kill_subscription(redis_server.port, a.port)
+                    await asyncio.sleep(0.005)
+                await mover.flush()
+
+            async def errors() -> None:
+                while True:
+                    message = await mover.recv()
+                    if isinstance(message, Error):
+                        assert message.code == "unavailable"
+                        refused.add(sent[message.ref_seq])
+
+            watching = asyncio.create_task(errors())
+            await move()
+            expected = lambda: [i for i in range(150) if i not in refused]  # noqa: E731
+            got = await collect(watch, lambda ms: [m.data for m in ms if isinstance(m, Event)][-1:] == [149], 15)
+            watching.cancel()
+            events = [m for m in got if isinstance(m, Event)]
+            assert [m.data for m in events] == expected()  # every move taken arrived, in order
+            offsets = [m.offset for m in events]
+            assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))  # no gap
+            assert watch.close_code is None  # repaired, not resynchronised
+            assert metric(a, "relay_backplane_repairs_total") >= 1
+            assert metric(a, "relay_backplane_resyncs_total") == 0
+            assert metric(a, "relay_backplane_replayed_total") >= 1  # it did miss some, and got them
+            assert not refused  # the mover's node never lost Redis
+        finally:
+            await mover.close()
