@@ -57,6 +57,10 @@ class Settings:
     slow_client_timeout_s: float = _setting(5.0, "time past the hard limit before close 4008")
     max_out_frame_bytes: int = _setting(262144, "largest frame the server sends (batches split)")
     flush_ms: float = _setting(0.0, "fixed flush tick in ms; 0 sends as soon as the socket can")
+    batch_us_per_member: float = _setting(
+        50.0, "a busy room's moves wait up to this many us per local member to share a frame"
+    )
+    max_batch_ms: float = _setting(10.0, "the longest a busy room's moves wait to share a frame")
     ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     request_timeout_s: float = _setting(10.0, "time a new connection has to send its request headers")

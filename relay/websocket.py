@@ -37,6 +37,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from relay.frames import binary_frame
+
 CLOSE_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
@@ -108,38 +110,17 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_frame_now(self, data: bytes) -> None:
         """Write one binary frame; the caller checked :meth:`writable_now`."""
-        n = len(data)
-        if n < 126:
-            self.transport.write(b"\x82" + bytes((n,)) + data)
-        elif n < 65536:
-            self.transport.writelines((b"\x82\x7e" + n.to_bytes(2, "big"), data))
-        else:
-            self.transport.writelines((b"\x82\x7f" + n.to_bytes(8, "big"), data))
+        if len(data) < 65536:
+            self.transport.write(binary_frame(data))
+        else:  # no copy of a big payload: the header and the payload go out together
+            self.transport.writelines((b"\x82\x7f" + len(data).to_bytes(8, "big"), data))
 
-    def keepalive_timeout(self) -> None:
-        super().keepalive_timeout()
-        self.transport.abort()
-
-    async def send(self, message: Any) -> None:
-        if message["type"] == "websocket.accept":
-            await super().send(message)
-            # The handshake is done: its request and response would otherwise stay in
-            # memory for the connection's whole life (about 2 KiB of headers).
-            self.request = self.response = None  # type: ignore[assignment]
-            return
-        if message["type"] == "websocket.close" and self.handshake_complete:
-            if not self.close_sent and not self.disconnected:
-                # Bypass the wait for a writable socket: the close frame joins the
-                # transport buffer at once, and the abort below bounds its wait.
-                self.writable.set()
-                await super().send(message)
-                self.loop.call_later(self.close_timeout + 1.0, self._abort_if_open)
-            return
-        await super().send(message)
-
-    def _abort_if_open(self) -> None:
-        if not self.disconnected and self.transport is not None:
-            self.transport.abort()
+    def send_framed_now(self, frame: bytes) -> bool:
+        """Write an already framed message if the socket can take it now."""
+        if self.writable.is_set() and not self.close_sent and not self.disconnected:
+            self.transport.write(frame)
+            return True
+        return False
 
 
 class RelayHttpProtocol(HttpToolsProtocol):

@@ -45,13 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from redis.exceptions import NoScriptError, ResponseError
 
 from relay import protocol
 from relay.backplane import redis_scripts as lua
 from relay.backplane.base import Joined, Receiver, RoomFull, Unavailable
-from redis.exceptions import NoScriptError, ResponseError
-
 from relay.backplane.redis_link import FAILURES, RedisLink
+from relay.backplane.redis_nodes import Nodes
 from relay.config import Settings
 from relay.metrics import BackplaneStats
 from relay.protocol import MsgType
@@ -61,12 +61,6 @@ log = logging.getLogger("relay.redis")
 
 MAX_OPS_PER_PIPELINE = 2000  # room operations in one round trip; more wait for the next
 MAX_BATCH_ENTRIES = 1000  # entries in one script call (and one published message)
-_KINDS = {k.value: k for k in (MsgType.EVENT, MsgType.STATE, MsgType.JOIN, MsgType.LEAVE)}
-
-
-def _offset_len(offset: int) -> int:
-    """Bytes of msgpack(offset): where the raw data ends inside an entry's wire bytes."""
-    return 1 if offset < 0x80 else 2 if offset < 0x100 else 3 if offset < 0x10000 else 5 if offset < 1 << 32 else 9
 
 
 @dataclass(eq=False, slots=True)
@@ -87,6 +81,8 @@ class _Room:
     tag: str
     channel: bytes
     subscribed: bool = False
+    live: bool = False  # the current subscription is confirmed: messages now are this node's to deliver
+    confirmed: asyncio.Future[None] | None = None  # joins wait for it
     epoch: str | None = None  # the incarnation this node's seats are in
     floor: int = 0  # the highest offset delivered here (or the first join's): gaps show above it
     retired: set[str] = field(default_factory=set)  # older epochs: their stragglers are dropped
@@ -112,6 +108,7 @@ class RedisBackplane:
             timeout=settings.redis_timeout_s,
             name=f"relay:{settings.port}",
             on_message=self._on_message,
+            on_subscribed=self._on_subscribed,
             on_lost=self._lost_link,
         )
         sharded_src = {name: getattr(lua, name) for name in ("SEQUENCE", "JOIN", "LEAVE", "REMOVE_SEATED_BY", "READ")}
@@ -120,6 +117,7 @@ class RedisBackplane:
             for name, body in sharded_src.items()
             for sharded in (False, True)
         }
+        self.nodes = Nodes(self.link, prefix=self.prefix, node_id=self.node_id, ttl_s=settings.node_ttl_s)
         self._receiver: Receiver | None = None
         self._rooms: dict[str, _Room] = {}
         self._by_channel: dict[bytes, _Room] = {}
@@ -137,19 +135,9 @@ class RedisBackplane:
     def _room(self, room: str) -> _Room:
         r = self._rooms.get(room)
         if r is None:
-            tag = "{%s:%s}" % (self.prefix, room)
+            tag = f"{{{self.prefix}:{room}}}"  # the hash tag: one room, one Cluster slot
             r = self._rooms[room] = _Room(room, tag, (tag + ":ch").encode())
         return r
-
-    def _node_key(self, node: str) -> str:
-        return f"{self.prefix}:node:{node}"
-
-    def _node_rooms_key(self, node: str) -> str:
-        return f"{self.prefix}:node:{node}:rooms"
-
-    @property
-    def _nodes_key(self) -> str:
-        return f"{self.prefix}:nodes"
 
     def _script(self, name: str) -> str:
         return self._sha[(name, self.link.sharded)]
@@ -179,12 +167,8 @@ class RedisBackplane:
             await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain
         if self._up and self.link.client is not None:
             with contextlib.suppress(*FAILURES):
-                pipe = self.link.pipeline()
-                pipe.delete(self._node_key(self.node_id))
-                if not any(r.seated for r in self._rooms.values()):
-                    pipe.delete(self._node_rooms_key(self.node_id))
-                    pipe.srem(self._nodes_key, self.node_id)
-                await pipe.execute()
+                # Players still seated (or leaves not sent): stay listed, so others reap them soon.
+                await self.nodes.goodbye(seated=any(r.seated or r.ops for r in self._rooms.values()))
         self._closed = True  # redis-py may turn a cancellation into a connection error: loops check this
         tasks = [*self._tasks, *self._spawned]
         for task in tasks:
@@ -203,20 +187,27 @@ class RedisBackplane:
         if not self._up:
             raise Unavailable("the Redis backplane is unavailable")
         r = self._room(room)
-        r.subscribed = True
+        r.subscribed, r.live = True, False
         self._by_channel[r.channel] = r
+        confirmed = r.confirmed = asyncio.get_running_loop().create_future()
         self._enqueue(r, _Op("claim"))
         try:
             await self.link.subscribe(r.channel)
         except Exception as exc:
             self._lost_link(exc)
+            if not confirmed.done():
+                confirmed.set_exception(Unavailable("the Redis backplane is unavailable"))
+                confirmed.exception()  # retrieved: nobody else may be waiting
             raise Unavailable("the Redis backplane is unavailable") from exc
+        if not confirmed.done():
+            confirmed.set_result(None)
 
     async def unsubscribe(self, room: str) -> None:
         r = self._rooms.get(room)
         if r is None or not r.subscribed:
             return
-        r.subscribed = False
+        r.subscribed = r.live = False
+        r.confirmed = None
         self._by_channel.pop(r.channel, None)
         r.epoch, r.floor, r.holding = None, 0, None
         r.retired.clear()
@@ -229,11 +220,13 @@ class RedisBackplane:
         if not self._up:
             raise Unavailable("the Redis backplane is unavailable")
         r = self._room(room)
+        if r.confirmed is not None and not r.confirmed.done():
+            await asyncio.shield(r.confirmed)  # another seat's subscribe: the JOIN must come after it
         pack = protocol.pack
         args = [new_epoch(), self.node_id, 0, player, pack([player, meta]), pack(player) + pack(meta), max_players]
-        op = _Op("join", args=args, future=asyncio.get_running_loop().create_future())
-        self._enqueue(r, op)
-        reply = await op.future
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(r, _Op("join", args=args, future=future))
+        reply = await future
         if reply[0] == -3:
             raise RoomFull(room)
         _, actor, epoch, offset, members, snapshot = reply
@@ -242,8 +235,8 @@ class RedisBackplane:
         r.seated[actor] = epoch
         return Joined(
             member=Member(actor, player, meta),
-            members=_members(members),
-            snapshot=_snapshot(snapshot),
+            members=lua.decode_members(members),
+            snapshot=lua.decode_snapshot(snapshot),
             offset=offset,
             epoch=epoch,
         )
@@ -257,10 +250,15 @@ class RedisBackplane:
     def publish(self, room: str, entries: list[Entry]) -> None:
         r = self._room(room)
         last = r.ops[-1] if r.ops else None
-        if last is not None and last.kind == "moves" and not last.batch and last.epoch == r.epoch:
-            if len(last.entries) + len(entries) <= MAX_BATCH_ENTRIES:
-                last.entries.extend(entries)
-                return
+        if (
+            last is not None
+            and last.kind == "moves"
+            and not last.batch
+            and last.epoch == r.epoch
+            and len(last.entries) + len(entries) <= MAX_BATCH_ENTRIES
+        ):
+            last.entries.extend(entries)  # not sent yet: one script call for both
+            return
         self._enqueue(r, _Op("moves", r.epoch or "", entries=list(entries)))
 
     def direct(self, room: str, to_actor: int, wire: bytes) -> None:
@@ -287,7 +285,7 @@ class RedisBackplane:
 
     async def _flush_once(self) -> None:
         sent: list[tuple[_Room, list[_Op]]] = []
-        pipe = self.link.pipeline()
+        commands: list[tuple[Any, ...]] = []
         budget = MAX_OPS_PER_PIPELINE
         rooms, self._dirty = list(self._dirty.values()), {}
         for r in rooms:
@@ -296,7 +294,7 @@ class RedisBackplane:
                 op = r.ops.popleft()
                 if not op.batch:
                     op.batch = next(self._batches)
-                self._command(pipe, r, op)
+                commands.append(self._command(r, op))
                 ops.append(op)
                 budget -= 1
             if r.ops:
@@ -304,7 +302,7 @@ class RedisBackplane:
             sent.append((r, ops))
         started = time.perf_counter()
         try:
-            results = await pipe.execute(raise_on_error=False)
+            results = await self.link.execute(commands)
         except FAILURES as exc:
             self._requeue(sent, exc)
             self._lost_link(exc)
@@ -327,7 +325,7 @@ class RedisBackplane:
             with contextlib.suppress(*FAILURES):
                 await self.link.load_scripts()
 
-    def _command(self, pipe: Any, r: _Room, op: _Op) -> None:
+    def _command(self, r: _Room, op: _Op) -> tuple[Any, ...]:
         history = self.settings.history_size
         kind = op.kind
         if kind == "moves":
@@ -336,23 +334,22 @@ class RedisBackplane:
                 if e.kind is MsgType.STATE:
                     args += (2, e.actor, protocol.pack(e.key), len(e.value or b""), e.head)
                 else:
-                    args += (int(e.kind), e.actor, "", len(e.value or b""), e.head)
-            self.link.evalsha(pipe, self._script("SEQUENCE"), r.meta, args)
+                    args += (1, e.actor, "", len(e.value or b""), e.head)
             self.stats.batches += 1
             self.stats.entries += len(op.entries)
-        elif kind == "join":
+            return ("EVALSHA", self._script("SEQUENCE"), 1, r.meta, *args)
+        if kind == "join":
             op.args[2] = op.batch
-            self.link.evalsha(pipe, self._script("JOIN"), r.meta, [history, *op.args])
-        elif kind == "leave":
-            self.link.evalsha(pipe, self._script("LEAVE"), r.meta, [history, *op.args])
-        elif kind == "cancel":
-            self.link.evalsha(pipe, self._script("REMOVE_SEATED_BY"), r.meta, [history, *op.args])
-        elif kind == "claim":
-            pipe.sadd(self._node_rooms_key(self.node_id), r.name)
-        elif kind == "forget":
-            pipe.srem(self._node_rooms_key(self.node_id), r.name)
-        else:
-            self.link.publish(pipe, r.channel, op.args[0])
+            return ("EVALSHA", self._script("JOIN"), 1, r.meta, history, *op.args)
+        if kind == "leave":
+            return ("EVALSHA", self._script("LEAVE"), 1, r.meta, history, *op.args)
+        if kind == "cancel":
+            return ("EVALSHA", self._script("REMOVE_SEATED_BY"), 1, r.meta, history, *op.args)
+        if kind == "claim":
+            return ("SADD", self.nodes.rooms_key, r.name)
+        if kind == "forget":
+            return ("SREM", self.nodes.rooms_key, r.name)
+        return ("SPUBLISH" if self.link.sharded else "PUBLISH", r.channel, op.args[0])
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""
@@ -399,10 +396,15 @@ class RedisBackplane:
 
     # --- the room order in -------------------------------------------------------------
 
+    def _on_subscribed(self, channel: bytes) -> None:
+        r = self._by_channel.get(channel)
+        if r is not None:
+            r.live = True
+
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         r = self._by_channel.get(channel)
-        if r is None:
-            return
+        if r is None or not r.live:
+            return  # a straggler of an earlier subscription of the room
         try:
             items = msgpack.unpackb(payload, raw=True)
         except ValueError:
@@ -433,7 +435,7 @@ class RedisBackplane:
             return
         r.floor = max(r.floor, last)
         assert self._receiver is not None
-        self._receiver.deliver(r.name, _entries(items, first))
+        self._receiver.deliver(r.name, lua.decode_batch(items, first))
 
     def _adopt(self, r: _Room, epoch: str, offset: int) -> None:
         """A join reply: the epoch this node's seats are in, and a floor for gap detection."""
@@ -459,8 +461,8 @@ class RedisBackplane:
             reply = await self.link.client.evalsha(
                 self._script("READ"), 1, r.meta, self.settings.history_size, r.floor if r.epoch else -1
             )
-        except FAILURES as exc:
-            self._lost_link(exc)  # the next reconnect repairs it
+        except Exception as exc:  # noqa: BLE001
+            self._lost_link(exc)  # the next reconnect repairs it (holding stays on until then)
             return
         held, r.holding = r.holding, None
         if not r.subscribed:
@@ -503,13 +505,14 @@ class RedisBackplane:
             await self._broken.wait()
             self._broken.clear()
             for r in self._rooms.values():
+                r.live = False
                 if r.subscribed and r.holding is None:
                     r.holding = []  # hold deliveries until the room is repaired
             try:
                 await self._connect()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # whatever it was, try again later
                 log.info("redis backplane: reconnect failed (%s); next try in %.2fs", exc, delay)
                 self._broken.set()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -528,18 +531,11 @@ class RedisBackplane:
 
     async def _connect(self) -> None:
         await self.link.connect()
-        await self._beat()
+        await self.nodes.beat()
         rooms = [r for r in self._rooms.values() if r.subscribed]
         await asyncio.gather(*(self.link.subscribe(r.channel) for r in rooms))
         if rooms:
-            await self.link.client.sadd(self._node_rooms_key(self.node_id), *(r.name for r in rooms))
-
-    async def _beat(self) -> None:
-        ttl_ms = max(int(self.settings.node_ttl_s * 600), 100)  # 0.6 * node_ttl_s
-        pipe = self.link.pipeline()
-        pipe.set(self._node_key(self.node_id), 1, px=ttl_ms)
-        pipe.sadd(self._nodes_key, self.node_id)
-        await pipe.execute()
+            await self.link.client.sadd(self.nodes.rooms_key, *(r.name for r in rooms))
 
     async def _watch(self) -> None:
         """Heartbeat every 0.15 node_ttl_s; look for dead nodes every 0.2 node_ttl_s."""
@@ -550,43 +546,19 @@ class RedisBackplane:
             if not self._up:
                 continue
             try:
-                await self._beat()
+                await self.nodes.beat()
                 if not self.link.subscribers_up():
                     raise ConnectionError("a subscription was cut")
                 await self.link.ping_subscribers()
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + ttl * 0.2
-                    await self._reap()
-            except FAILURES as exc:
+                    remove = self._script("REMOVE_SEATED_BY")
+                    self.stats.reaped += await self.nodes.reap(remove, self._room_meta, self.settings.history_size)
+            except Exception as exc:  # noqa: BLE001  # this loop must outlive anything: it is the heartbeat
                 self._lost_link(exc)
 
-    async def _reap(self) -> None:
-        """Remove the players of nodes whose heartbeat expired (LEAVE 1006 in their rooms)."""
-        client = self.link.client
-        nodes = [n.decode() for n in await client.smembers(self._nodes_key)]
-        others = [n for n in nodes if n != self.node_id]
-        if not others:
-            return
-        pipe = self.link.pipeline()
-        for node in others:
-            pipe.exists(self._node_key(node))
-        dead = [n for n, alive in zip(others, await pipe.execute()) if not alive]
-        for node in dead:
-            rooms = [room.decode() for room in await client.smembers(self._node_rooms_key(node))]
-            pipe = self.link.pipeline()
-            for room in rooms:
-                args = [self.settings.history_size, node + "/", 1006]
-                self.link.evalsha(pipe, self._script("REMOVE_SEATED_BY"), self._room_meta(room), args)
-            removed = sum(r[0] for r in await pipe.execute()) if rooms else 0
-            pipe = self.link.pipeline()
-            pipe.delete(self._node_rooms_key(node))
-            pipe.srem(self._nodes_key, node)
-            await pipe.execute()
-            self.stats.reaped += removed
-            log.warning("redis backplane: node %s is gone; removed its %d players", node, removed)
-
     def _room_meta(self, room: str) -> str:
-        return "{%s:%s}:meta" % (self.prefix, room)
+        return f"{{{self.prefix}:{room}}}:meta"
 
     async def history(self, room: str, after: int, epoch: str) -> list[Entry] | None:
         """The entries after ``after`` up to what this node has delivered (so that the
@@ -608,22 +580,17 @@ class RedisBackplane:
         batches = [msgpack.unpackb(b, raw=True) for b in reply[4]]
         if after < r.floor and (not batches or batches[0][1] > after + 1):
             return None
-        return [e for b in batches for e in _entries(b, b[1]) if after < e.offset <= r.floor]
+        return [e for b in batches for e in lua.decode_batch(b, b[1]) if after < e.offset <= r.floor]
 
     # --- reading rooms (HTTP) ----------------------------------------------------------
 
     async def rooms(self) -> dict[str, int]:
         if not self._up:
             raise Unavailable("the Redis backplane is unavailable")
-        client = self.link.client
-        nodes = [n.decode() for n in await client.smembers(self._nodes_key)]
-        pipe = self.link.pipeline()
-        for node in nodes:
-            pipe.smembers(self._node_rooms_key(node))
-        names = sorted({room.decode() for rooms in await pipe.execute() for room in rooms})
+        names = await self.nodes.rooms()
         pipe = self.link.pipeline()
         for room in names:
-            pipe.hlen("{%s:%s}:mem" % (self.prefix, room))
+            pipe.hlen(f"{{{self.prefix}:{room}}}:mem")
         counts = await pipe.execute() if names else []
         return {room: n for room, n in zip(names, counts) if n}
 
@@ -634,9 +601,9 @@ class RedisBackplane:
         if not reply:
             return None
         state = RoomState(room, epoch=reply[0].decode(), offset=reply[1])
-        for actor, player, meta in _members(reply[2]):
+        for actor, player, meta in lua.decode_members(reply[2]):
             state.members[actor] = Member(actor, player, meta)
-        state.snapshot = _snapshot(reply[3])
+        state.snapshot = lua.decode_snapshot(reply[3])
         state.next_actor = max(state.members, default=0) + 1
         return state
 
@@ -644,46 +611,3 @@ class RedisBackplane:
         task = asyncio.get_running_loop().create_task(coro)
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
-
-
-def _entries(items: list[Any], first: int) -> list[Entry]:
-    """Entries of a published batch: [epoch, first, (kind, actor, key, value_len, wire)*]."""
-    entries = []
-    offset = first
-    unpack = msgpack.unpackb
-    for i in range(2, len(items), 5):
-        kind, actor, keybin, vlen, wire = items[i : i + 5]
-        msg_type = _KINDS[kind]
-        if msg_type is MsgType.JOIN:
-            _, _, player, meta, _ = unpack(wire, raw=False, strict_map_key=False)
-            entry = Entry(msg_type, actor, b"", member=Member(actor, player, meta), offset=offset, wire=wire)
-        elif msg_type is MsgType.LEAVE:
-            entry = Entry(msg_type, actor, b"", offset=offset, wire=wire)
-        else:
-            end = len(wire) - _offset_len(offset)
-            value = wire[end - vlen : end]
-            key = unpack(keybin, raw=False, strict_map_key=False) if msg_type is MsgType.STATE else None
-            entry = Entry(msg_type, actor, b"", key=key, value=value, offset=offset, wire=wire)
-        entries.append(entry)
-        offset += 1
-    return entries
-
-
-def _members(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
-    members = []
-    for i in range(0, len(flat), 2):
-        player, meta = msgpack.unpackb(flat[i + 1], raw=False, strict_map_key=False)
-        members.append((int(flat[i]), player, meta))
-    members.sort()
-    return members
-
-
-def _snapshot(flat: list[Any]) -> dict[int, dict[str | int, bytes]]:
-    snapshot: dict[int, dict[str | int, bytes]] = {}
-    for i in range(0, len(flat), 2):
-        values = flat[i + 1]
-        snapshot[int(flat[i])] = {
-            msgpack.unpackb(values[j], raw=False, strict_map_key=False): values[j + 1]
-            for j in range(0, len(values), 2)
-        }
-    return snapshot

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("relay.redis")
 
@@ -45,11 +45,13 @@ class Subscriber:
         *,
         sharded: bool,
         on_message: Callable[[bytes, bytes], None],
+        on_subscribed: Callable[[bytes], None],
         on_lost: Callable[[BaseException], None],
     ) -> None:
         self.conn = conn
         self.sharded = sharded
         self.on_message = on_message
+        self.on_subscribed = on_subscribed
         self.on_lost = on_lost
         self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._pongs: deque[asyncio.Future[None]] = deque()
@@ -57,17 +59,32 @@ class Subscriber:
         self.started: asyncio.Future[None] | None = None  # the connect; everyone waits for it
         self.lost = False
 
+    @property
+    def connected(self) -> bool:
+        started = self.started
+        return not self.lost and started is not None and started.done() and not started.cancelled() \
+            and started.exception() is None
+
     async def start(self, timeout: float) -> None:
         if self.started is None:
             self.started = asyncio.ensure_future(asyncio.wait_for(self._connect(), timeout))
         try:
             await asyncio.shield(self.started)
+        except asyncio.CancelledError:
+            if not self.started.cancelled():
+                raise  # the caller is being cancelled
+            self.lost = True  # closed while connecting (a reconnect): a failure, not a cancellation
+            raise ConnectionError("subscription closed while connecting") from None
         except Exception:
             self.lost = True  # the next caller makes a new connection
             raise
 
     async def _connect(self) -> None:
         await self.conn.connect()
+        parser: Any = getattr(self.conn, "_parser", None)
+        if hasattr(parser, "set_pubsub_push_handler"):
+            # redis-py's default handler formats every message for a debug log, even when off.
+            parser.set_pubsub_push_handler(_as_is)
         self._reader = asyncio.create_task(self._read())
 
     async def _send(self, *args: Any) -> None:
@@ -118,6 +135,7 @@ class Subscriber:
                 if kind == b"smessage" or kind == b"message":
                     on_message(reply[1], reply[2])
                 elif kind == b"ssubscribe" or kind == b"subscribe":
+                    self.on_subscribed(reply[1])  # in stream order: what follows is this subscription's
                     waiting = self._confirm.get(reply[1])
                     if waiting:
                         future = waiting.popleft()
@@ -129,7 +147,7 @@ class Subscriber:
                         future.set_result(None)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # any end of the stream is a cut subscription
+        except BaseException as exc:  # noqa: BLE001  # any end of the stream is a cut subscription
             self._fail(exc)
             self.on_lost(exc)
 
@@ -147,6 +165,42 @@ class Subscriber:
         self._pongs.clear()
 
 
+async def _as_is(response: Any) -> Any:
+    return response
+
+
+class Commands:
+    """A lean pipeline on one dedicated connection: pack, send, read the replies.
+
+    redis-py's Pipeline does the same with a pool, retries and per-command
+    callbacks around it, which cost as much CPU as the rest of a flush.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()  # one pipeline at a time on the stream
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply, or its ResponseError; a lost connection raises."""
+        async with self.lock:
+            return await self._execute(commands)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        conn = self.conn
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # a reply may still be on its way: never reuse this stream
+            raise
+
+
 class RedisLink:
     """Redis or Redis Cluster: a command client, the scripts, and the subscribers."""
 
@@ -157,16 +211,19 @@ class RedisLink:
         timeout: float,
         name: str,
         on_message: Callable[[bytes, bytes], None],
+        on_subscribed: Callable[[bytes], None],
         on_lost: Callable[[BaseException], None],
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.name = name  # CLIENT SETNAME of every connection: which relay it is, in CLIENT LIST
         self.on_message = on_message
+        self.on_subscribed = on_subscribed
         self.on_lost = on_lost
         self.client: Any = None
         self.sharded = False
         self._scripts: dict[str, str] = {}  # sha -> source
+        self._commands: Commands | None = None  # the flusher's connection (one Redis server)
         self._subscribers: dict[str, Subscriber] = {}  # by server name
 
     def _options(self) -> dict[str, Any]:
@@ -212,14 +269,22 @@ class RedisLink:
     def pipeline(self) -> Any:
         return self.client.pipeline(transaction=False)
 
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one round trip (in a Cluster: one per shard, in parallel)."""
+        if self.sharded:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)  # routed by key; ClusterPipeline refuses pipe.evalsha()
+            return list(await pipe.execute(raise_on_error=False))
+        if self._commands is None:
+            self._commands = Commands(self.client.connection_pool.make_connection())
+        return await self._commands.execute(commands)
+
     @staticmethod
     def evalsha(pipe: Any, sha: str, key: str, args: list[Any]) -> None:
         # execute_command, since redis-py's ClusterPipeline refuses pipe.evalsha();
         # the key routes it to the room's shard.
         pipe.execute_command("EVALSHA", sha, 1, key, *args)
-
-    def publish(self, pipe: Any, channel: bytes, payload: bytes) -> None:
-        pipe.execute_command("SPUBLISH" if self.sharded else "PUBLISH", channel, payload)
 
     async def subscribe(self, channel: bytes) -> None:
         subscriber = await self._subscriber_for(channel)
@@ -227,12 +292,13 @@ class RedisLink:
 
     async def unsubscribe(self, channel: bytes) -> None:
         subscriber = self._subscribers.get(self._server_of(channel))
-        if subscriber is not None and subscriber.started is not None and subscriber.started.done():
+        if subscriber is not None and subscriber.connected:
             with contextlib.suppress(*FAILURES):
                 await subscriber.unsubscribe(channel)
 
     async def ping_subscribers(self) -> None:
-        await asyncio.gather(*(s.ping(self.timeout) for s in list(self._subscribers.values()) if s.started))
+        # Only connected ones: a PING while connecting would make redis-py connect a second time.
+        await asyncio.gather(*(s.ping(self.timeout) for s in list(self._subscribers.values()) if s.connected))
 
     def subscribers_up(self) -> bool:
         return not any(s.lost for s in self._subscribers.values())
@@ -244,6 +310,10 @@ class RedisLink:
 
     async def close(self) -> None:
         await self.close_subscribers()
+        if self._commands is not None:
+            commands, self._commands = self._commands, None
+            with contextlib.suppress(*FAILURES):
+                await commands.conn.disconnect()
         if self.client is not None:
             client, self.client = self.client, None
             with contextlib.suppress(*FAILURES):
@@ -264,6 +334,12 @@ class RedisLink:
             conn = node.connection_class(**node.connection_kwargs)
         else:
             conn = self.client.connection_pool.make_connection()
-        subscriber = Subscriber(conn, sharded=self.sharded, on_message=self.on_message, on_lost=self.on_lost)
+        subscriber = Subscriber(
+            conn,
+            sharded=self.sharded,
+            on_message=self.on_message,
+            on_subscribed=self.on_subscribed,
+            on_lost=self.on_lost,
+        )
         self._subscribers[server] = subscriber
         return subscriber

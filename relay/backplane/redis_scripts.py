@@ -32,6 +32,15 @@ Keys of room R with prefix P (tag ``{P:R}``):
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgpack
+
+from relay.protocol import MsgType
+from relay.room import Entry, Member
+
+_KINDS = {k.value: k for k in (MsgType.EVENT, MsgType.STATE, MsgType.JOIN, MsgType.LEAVE)}
+
 # Shared by every script. KEYS[1] is always the room's meta key; the other keys
 # are derived from its tag (same slot, so allowed in a Cluster). ARGV[1] is the
 # history length.
@@ -217,3 +226,54 @@ return {EPOCH, OFFSET, members, snapshot, batches}
 def source(body: str, *, sharded: bool) -> str:
     """A script's full text: the shared prelude, then its body."""
     return _PRELUDE % {"publish": "SPUBLISH" if sharded else "PUBLISH"} + body
+
+
+# --- the Python side of the published message ------------------------------------
+
+
+def offset_len(offset: int) -> int:
+    """Bytes of msgpack(offset): where the raw data ends inside an entry's wire bytes."""
+    return 1 if offset < 0x80 else 2 if offset < 0x100 else 3 if offset < 0x10000 else 5 if offset < 1 << 32 else 9
+
+
+def decode_batch(items: list[Any], first: int) -> list[Entry]:
+    """Entries of a published batch: [epoch, first, (kind, actor, key, value_len, wire)*]."""
+    entries = []
+    offset = first
+    unpack = msgpack.unpackb
+    for i in range(2, len(items), 5):
+        kind, actor, keybin, vlen, wire = items[i : i + 5]
+        msg_type = _KINDS[kind]
+        if msg_type is MsgType.JOIN:
+            _, _, player, meta, _ = unpack(wire, raw=False, strict_map_key=False)
+            entry = Entry(msg_type, actor, b"", member=Member(actor, player, meta), offset=offset, wire=wire)
+        elif msg_type is MsgType.LEAVE:
+            entry = Entry(msg_type, actor, b"", offset=offset, wire=wire)
+        else:
+            end = len(wire) - offset_len(offset)
+            value = wire[end - vlen : end]
+            key = unpack(keybin, raw=False, strict_map_key=False) if msg_type is MsgType.STATE else None
+            entry = Entry(msg_type, actor, b"", key=key, value=value, offset=offset, wire=wire)
+        entries.append(entry)
+        offset += 1
+    return entries
+
+
+def decode_members(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    members = []
+    for i in range(0, len(flat), 2):
+        player, meta = msgpack.unpackb(flat[i + 1], raw=False, strict_map_key=False)
+        members.append((int(flat[i]), player, meta))
+    members.sort()
+    return members
+
+
+def decode_snapshot(flat: list[Any]) -> dict[int, dict[str | int, bytes]]:
+    snapshot: dict[int, dict[str | int, bytes]] = {}
+    for i in range(0, len(flat), 2):
+        values = flat[i + 1]
+        snapshot[int(flat[i])] = {
+            msgpack.unpackb(values[j], raw=False, strict_map_key=False): values[j + 1]
+            for j in range(0, len(values), 2)
+        }
+    return snapshot

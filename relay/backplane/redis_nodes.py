@@ -1,0 +1,92 @@
+"""Node liveness for the Redis backplane: heartbeats, and removing dead nodes' players.
+
+Each relay process is a node with a random id. It keeps a heartbeat key that
+expires after ``0.6 * node_ttl_s`` and is refreshed every ``0.15 * node_ttl_s``,
+and a set of the rooms where it has players. Every node looks for nodes whose
+heartbeat expired every ``0.2 * node_ttl_s`` and removes their players (LEAVE
+with 1006, in each room's order): a node that dies without warning has its
+players gone from every room within ``node_ttl_s``. Removing is idempotent, so
+several nodes reaping the same dead one at once do no harm.
+
+These keys are not room keys: in a Redis Cluster they live on whichever shard
+their own slot names, and are written by plain commands, never by a room script.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from relay.backplane.redis_link import RedisLink
+
+log = logging.getLogger("relay.redis")
+
+
+class Nodes:
+    """This node's heartbeat and room set, and the reaper of the others."""
+
+    def __init__(self, link: RedisLink, *, prefix: str, node_id: str, ttl_s: float) -> None:
+        self.link = link
+        self.prefix = prefix
+        self.node_id = node_id
+        self.ttl_s = ttl_s
+        self.nodes_key = f"{prefix}:nodes"  # every node that may have players somewhere
+        self.rooms_key = self.rooms_key_of(node_id)
+
+    def heartbeat_key(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    def rooms_key_of(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:rooms"
+
+    async def beat(self) -> None:
+        pipe = self.link.pipeline()
+        pipe.set(self.heartbeat_key(self.node_id), 1, px=max(int(self.ttl_s * 600), 100))
+        pipe.sadd(self.nodes_key, self.node_id)
+        await pipe.execute()
+
+    async def goodbye(self, *, seated: bool) -> None:
+        """A clean shutdown: stop beating; forget the node unless it still has players."""
+        pipe = self.link.pipeline()
+        pipe.delete(self.heartbeat_key(self.node_id))
+        if not seated:
+            pipe.delete(self.rooms_key)
+            pipe.srem(self.nodes_key, self.node_id)
+        await pipe.execute()
+
+    async def reap(self, remove_script: str, room_meta_key: Any, history: int) -> int:
+        """Remove the players of nodes whose heartbeat expired; how many were removed."""
+        client = self.link.client
+        nodes = [n.decode() for n in await client.smembers(self.nodes_key)]
+        others = [n for n in nodes if n != self.node_id]
+        if not others:
+            return 0
+        pipe = self.link.pipeline()
+        for node in others:
+            pipe.exists(self.heartbeat_key(node))
+        dead = [n for n, alive in zip(others, await pipe.execute()) if not alive]
+        total = 0
+        for node in dead:
+            rooms = [room.decode() for room in await client.smembers(self.rooms_key_of(node))]
+            removed = 0
+            if rooms:
+                pipe = self.link.pipeline()
+                for room in rooms:
+                    self.link.evalsha(pipe, remove_script, room_meta_key(room), [history, node + "/", 1006])
+                removed = sum(reply[0] for reply in await pipe.execute())
+            pipe = self.link.pipeline()
+            pipe.delete(self.rooms_key_of(node))
+            pipe.srem(self.nodes_key, node)
+            await pipe.execute()
+            log.warning("redis backplane: node %s is gone; removed its %d players", node, removed)
+            total += removed
+        return total
+
+    async def rooms(self) -> list[str]:
+        """Every room where some node has players."""
+        client = self.link.client
+        nodes = [n.decode() for n in await client.smembers(self.nodes_key)]
+        pipe = self.link.pipeline()
+        for node in nodes:
+            pipe.smembers(self.rooms_key_of(node))
+        return sorted({room.decode() for rooms in await pipe.execute() for room in rooms}) if nodes else []
