@@ -15,6 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 from benchmarks import procstats
 from benchmarks.player import Player, Seat, Tally, Window
@@ -65,15 +66,17 @@ def _worker(job: Job, conn: Connection) -> None:
         import uvloop
 
         uvloop.run(_work(job, conn))
-    except Exception:
+    except Exception:  # noqa: BLE001 - the parent reports it with the traceback
         conn.send(("error", traceback.format_exc()))
 
 
 async def _work(job: Job, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
-    load, tally, window = job.load, Tally(), Window()
+    load, tally = job.load, Tally()
+    window = Window(slow_senders=frozenset(s.index for s in load.seats() if s.slow))
     players = [
-        Player(s, f"{job.urls[s.server]}{load.tag}{s.room}?player=p{s.index}") for s in job.seats
+        Player(s, f"{job.urls[s.server]}{load.tag}{s.room}?player=p{s.index}", window, tally)
+        for s in job.seats
     ]
     limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
     failures: list[str] = []
@@ -83,33 +86,51 @@ async def _work(job: Job, conn: Connection) -> None:
             try:
                 await p.join(job.connect_timeout)
                 return p
-            except Exception as exc:  # counted and reported, not fatal
-                failures.append(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - counted and reported, not fatal
+                failures.append(f"{type(exc).__name__}: {exc or 'timed out'}")
                 return None
 
     began = time.time()
-    joined = [p for p in await asyncio.gather(*map(join, players)) if p is not None]
+    tasks = [asyncio.ensure_future(join(p)) for p in players]
+    # One deadline for all: a server that never answers must not hold the run for long.
+    deadline = job.connect_timeout + 1
+    done, pending = await asyncio.wait(tasks, timeout=deadline)
+    for task in pending:
+        task.cancel()
+    if pending:
+        failures.append(f"{len(pending)} joins still pending after {deadline:.0f} s")
+    joined = [p for t in done if (p := t.result()) is not None]
     ended = time.time()
-    readers = [loop.create_task(p.read(window, tally)) for p in joined if not p.seat.slow]
+    watchers = [loop.create_task(p.watch()) for p in joined]
     members: dict[int, list[int]] = {}
     for p in joined:
         members.setdefault(p.seat.room, [0, 0])[1 if p.seat.slow else 0] += 1
-    conn.send(("ready", {"joined": len(joined), "failures": failures, "members": members,
-                         "began": began, "ended": ended}))
+    conn.send(
+        (
+            "ready",
+            {
+                "joined": len(joined),
+                "failures": failures,
+                "members": members,
+                "began": began,
+                "ended": ended,
+            },
+        )
+    )
 
     start_ns, end_ns, go_ns = await loop.run_in_executor(None, conn.recv)
     window.start, window.end = start_ns, end_ns
     go = loop.time() + (go_ns - time.time_ns()) / 1e9
     senders = []
     if load.rate > 0:
-        senders = [loop.create_task(p.play(load.rate, load.size, go, window, tally)) for p in joined]
+        senders = [loop.create_task(p.play(load.rate, load.size, go)) for p in joined]
     finish = loop.time() + (end_ns - time.time_ns()) / 1e9 + load.drain
     while loop.time() < finish:
         await asyncio.sleep(min(0.25, max(0.0, finish - loop.time())))
         conn.send(("progress", sum(c[0] + c[1] for c in tally.sent.values()), tally.received))
-    for task in senders + readers:
+    for task in senders + watchers:
         task.cancel()
-    await asyncio.gather(*senders, *readers, return_exceptions=True)
+    await asyncio.gather(*senders, *watchers, return_exceptions=True)
     conn.send(("done", tally))
     await asyncio.gather(*(p.leave() for p in joined), return_exceptions=True)
 
@@ -135,16 +156,20 @@ class Outcome:
     generator_cpu: list[float]  # per worker, share of one core over the window
     side_cpu_s: float | None = None  # helpers measured apart, e.g. Redis, over the window
     machine_cpu_s: float = 0.0  # busy time of all cores over the window, whoever used it
+    server_cpus_busy_s: float | None = None  # busy time of the servers' CPUs, whoever used it
+    generator_cpus_busy_s: float | None = None  # the same for the generator's CPUs
 
 
 def _merge(tallies: list[Tally]) -> Tally:
     total = Tally()
     for t in tallies:
         total.received += t.received
+        total.received_from_slow += t.received_from_slow
         total.frames += t.frames
         total.messages += t.messages
         total.dropped += t.dropped
         total.errors += t.errors
+        total.error_sample.extend(t.error_sample[: 3 - len(total.error_sample)])
         for code, n in t.closes.items():
             total.closes[code] = total.closes.get(code, 0) + n
         for key, n in t.hist.items():
@@ -156,9 +181,18 @@ def _merge(tallies: list[Tally]) -> Tally:
     return total
 
 
-def run(load: Load, urls: list[str], server_pids: list[int], *, workers: int,
-        cpus: list[int] | None, label: str, side_pids: list[int] | None = None,
-        connect_timeout: float = 30.0) -> Outcome:
+def run(
+    load: Load,
+    urls: list[str],
+    server_pids: list[int],
+    *,
+    workers: int,
+    cpus: list[int] | None,
+    label: str,
+    side_pids: list[int] | None = None,
+    server_cpus: list[int] | None = None,
+    connect_timeout: float = 30.0,
+) -> Outcome:
     """Offer ``load`` to the servers at ``urls``; ``server_pids`` (and apart from them
     ``side_pids``) are measured."""
     seats = load.seats()
@@ -176,8 +210,18 @@ def run(load: Load, urls: list[str], server_pids: list[int], *, workers: int,
         procs.append(proc)
     progress = Progress(label)
     try:
-        return _drive(load, pipes, procs, server_pids, side_pids or [], base, progress,
-                      connect_timeout)
+        return _drive(
+            load,
+            pipes,
+            procs,
+            server_pids,
+            side_pids or [],
+            server_cpus,
+            cpus,
+            base,
+            progress,
+            connect_timeout,
+        )
     finally:
         progress.close()
         for proc in procs:
@@ -196,21 +240,32 @@ def _receive(pipe: Connection, want: str) -> object:
     return payload
 
 
-def _drive(load: Load, pipes: list[Connection], procs: list[mp.process.BaseProcess],
-           server_pids: list[int], side_pids: list[int], base: procstats.Sample,
-           progress: Progress,
-           connect_timeout: float) -> Outcome:
+def _drive(
+    load: Load,
+    pipes: list[Connection],
+    procs: list[Any],
+    server_pids: list[int],
+    side_pids: list[int],
+    server_cpus: list[int] | None,
+    generator_cpus: list[int] | None,
+    base: procstats.Sample,
+    progress: Progress,
+    connect_timeout: float,
+) -> Outcome:
     total_seats = load.rooms * load.players
     progress.update(0, total_seats, "joining")
     ready: dict[int, dict] = {}
-    deadline = time.monotonic() + connect_timeout * 2 + 10
+    deadline = time.monotonic() + connect_timeout + 30
     while len(ready) < len(pipes):
         if time.monotonic() > deadline:
             raise RuntimeError("workers did not finish joining in time")
-        for pipe in wait([p for i, p in enumerate(pipes) if i not in ready], 0.2):
-            i = pipes.index(pipe)  # type: ignore[arg-type]
-            ready[i] = _receive(pipe, "ready")  # type: ignore[assignment]
+        for ready_pipe in wait([p for i, p in enumerate(pipes) if i not in ready], 0.2):
+            pipe = cast(Connection, ready_pipe)
+            ready[pipes.index(pipe)] = cast(dict, _receive(pipe, "ready"))
         progress.update(sum(r["joined"] for r in ready.values()), total_seats, "joining")
+    if not any(r["joined"] for r in ready.values()):
+        first = next((f for r in ready.values() for f in r["failures"]), "no reason given")
+        raise RuntimeError(f"no player could join: {first}")
     joined_sample = procstats.sample(server_pids, time.monotonic())
     members: dict[int, list[int]] = {}
     for r in ready.values():
@@ -220,7 +275,7 @@ def _drive(load: Load, pipes: list[Connection], procs: list[mp.process.BaseProce
             m[1] += slow
 
     now = time.time_ns()
-    go_ns = now + 200_000_000  # time for every worker to receive the start
+    go_ns = now + 100_000_000  # time for every worker to receive the start
     start_ns = go_ns + int(load.warmup * 1e9)
     end_ns = start_ns + int(load.duration * 1e9)
     for pipe in pipes:
@@ -240,20 +295,25 @@ def _drive(load: Load, pipes: list[Connection], procs: list[mp.process.BaseProce
         if start is None and t >= start_ns:
             start = procstats.sample(server_pids, time.monotonic())
             side0 = procstats.sample(side_pids, start.wall)
-            busy0 = procstats.machine_busy_seconds()
+            busy0 = procstats.busy_seconds()
+            pinned0 = procstats.busy_seconds(server_cpus) if server_cpus else 0.0
+            gen_busy0 = procstats.busy_seconds(generator_cpus) if generator_cpus else 0.0
             gen0 = [procstats.cpu_seconds(p) for p in worker_pids]
         if end is None and t >= end_ns:
             end = procstats.sample(server_pids, time.monotonic())
             side1 = procstats.sample(side_pids, end.wall)
-            busy1 = procstats.machine_busy_seconds()
+            busy1 = procstats.busy_seconds()
+            pinned1 = procstats.busy_seconds(server_cpus) if server_cpus else 0.0
+            gen_busy1 = procstats.busy_seconds(generator_cpus) if generator_cpus else 0.0
             assert start is not None
             wall = end.wall - start.wall
             gen_cpu = [(procstats.cpu_seconds(p) - c) / wall for p, c in zip(worker_pids, gen0)]
         nxt = start_ns if start is None else end_ns if end is None else t + 250_000_000
         timeout = max(0.0, min(0.25, (nxt - t) / 1e9))
-        for pipe in wait([p for i, p in enumerate(pipes) if i not in tallies], timeout):
-            i = pipes.index(pipe)  # type: ignore[arg-type]
-            kind, *payload = pipe.recv()  # type: ignore[union-attr]
+        for ready_pipe in wait([p for i, p in enumerate(pipes) if i not in tallies], timeout):
+            pipe = cast(Connection, ready_pipe)
+            i = pipes.index(pipe)
+            kind, *payload = cast(tuple[Any, ...], pipe.recv())
             if kind == "progress":
                 progress_by[i] = (payload[0], payload[1])
             elif kind == "done":
@@ -283,4 +343,6 @@ def _drive(load: Load, pipes: list[Connection], procs: list[mp.process.BaseProce
         generator_cpu=gen_cpu,
         side_cpu_s=side1.cpu_since(side0) if side_pids else None,
         machine_cpu_s=busy1 - busy0,
+        server_cpus_busy_s=pinned1 - pinned0 if server_cpus else None,
+        generator_cpus_busy_s=gen_busy1 - gen_busy0 if generator_cpus else None,
     )

@@ -10,8 +10,7 @@ from typing import Any
 
 from benchmarks.report import groups, subject_first
 
-COLORS = {"relay": "#1f77b4", "relay x2": "#17becf", "tutorial": "#d62728",
-          "broadcast": "#ff7f0e"}
+COLORS = {"relay": "#1f77b4", "relay x2": "#17becf", "tutorial": "#d62728", "broadcast": "#ff7f0e"}
 
 
 def _pyplot() -> Any:
@@ -21,6 +20,15 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _plain_log_axis(axis: Any) -> None:
+    """Log scale, labelled 0.5, 1, 20 rather than 5x10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # Label only the 2s and 5s between decades: all of them crowd the axis.
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
 
 
 def latency(runs: list[dict], path: Path) -> None:
@@ -37,14 +45,25 @@ def latency(runs: list[dict], path: Path) -> None:
         for i, r in enumerate(rs):
             lat = r["figures"]["latency_ms"]
             xs = [j + i * width for j in range(3)]
-            ax.bar(xs, [max(lat[p], 1e-3) for p in ("p50", "p90", "p99")], width,
-                   label=r["target"], color=COLORS.get(r["target"]))
+            ax.bar(
+                xs,
+                [max(lat[p], 1e-3) for p in ("p50", "p90", "p99")],
+                width,
+                label=r["target"],
+                color=COLORS.get(r["target"]),
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(3)], ["p50", "p90", "p99"])
         ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_title(scenario + (f"\n{case}" if case else ""), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("latency (ms, log)")
-    axes[0][-1].legend(fontsize=8)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:  # one legend for every server in any panel
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=8)
     fig.suptitle("Move latency, sender to receiver (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -54,8 +73,10 @@ def latency(runs: list[dict], path: Path) -> None:
 def cpu(runs: list[dict], path: Path) -> None:
     """Server CPU microseconds per delivered move, per scenario, per server."""
     plt = _pyplot()
-    blocks = [(k, [r for r in subject_first(v) if (r.get("figures") or {}).get(
-        "cpu_us_per_delivery")]) for k, v in groups(runs).items()]
+    blocks = [
+        (k, [r for r in subject_first(v) if (r.get("figures") or {}).get("cpu_us_per_delivery")])
+        for k, v in groups(runs).items()
+    ]
     blocks = [(k, v) for k, v in blocks if v]
     if not blocks:
         return
@@ -89,14 +110,18 @@ def ramp(runs: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in dict.fromkeys(r["target"] for r in steps):
-        pts = [(r["figures"]["deliveries_per_s"], (r["figures"]["latency_ms"] or {}).get("p99"))
-               for r in steps if r["target"] == t]
+        pts = [
+            (r["figures"]["deliveries_per_s"], (r["figures"]["latency_ms"] or {}).get("p99"))
+            for r in steps
+            if r["target"] == t
+        ]
         pts = [(x, y) for x, y in pts if y is not None]
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=t, color=COLORS.get(t))
     ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="50 ms limit")
     ax.set_xlabel("deliveries/s")
     ax.set_ylabel("p99 latency (ms, log)")
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_title("Ramp: rooms of 8 at 10 moves/s, more rooms each step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -114,6 +139,7 @@ def write_all(runs: list[dict], out_json: Path) -> list[Path]:
     made = []
     for name, draw in (("latency", latency), ("cpu", cpu), ("ramp", ramp)):
         path = out_json.with_name(f"{out_json.stem}-{name}.png")
+        path.unlink(missing_ok=True)
         draw(runs, path)
         if path.exists():
             made.append(path)

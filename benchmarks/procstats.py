@@ -8,6 +8,7 @@ and subtracted, so time a server spent starting up or in warmup does not count.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -91,10 +92,33 @@ def sample(pids: list[int], clock: float) -> Sample:
     return Sample(cpu, rss, clock)
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+def busy_seconds(cpus: list[int] | None = None) -> float:
+    """CPU seconds spent busy by the whole machine, or by the given CPUs, from /proc/stat."""
+    total = 0.0
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    # guest time is already counted in user/nice, so stop at steal (#8).
-    return (sum(fields[:8]) - idle) / CLK_TCK
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *rest = line.split()
+            if (cpus is None and name == "cpu") or (
+                cpus is not None and name[3:].isdigit() and int(name[3:]) in cpus
+            ):
+                fields = [int(x) for x in rest]
+                # idle and iowait are not busy; guest time is already in user/nice.
+                total += sum(fields[:8]) - fields[3] - fields[4]
+    return total / CLK_TCK
+
+
+def wait_quiet(limit: float, *, most: float = 0.25, probe: float = 0.5) -> float:
+    """Wait up to ``limit`` s until the machine does less than ``most`` cores of other work.
+
+    Meant to be called while the servers under test are idle. Returns the busy cores
+    last seen, so a run can say how loaded the machine still was.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        before = busy_seconds()
+        time.sleep(probe)
+        busy = (busy_seconds() - before) / probe
+        if busy < most or time.monotonic() >= deadline:
+            return busy

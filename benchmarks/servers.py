@@ -61,14 +61,19 @@ class Server:
             argv = ["taskset", "-c", self.cpus, *argv]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name}-", suffix=".log")
+        # Open until stop(): the server writes to it for its whole life.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=f"bench-{self.name}-", suffix=".log"
+        )
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerFailed(f"{self.name} exited with {self.proc.returncode}: {self.output()}")
+                raise ServerFailed(
+                    f"{self.name} exited with {self.proc.returncode}: {self.output()}"
+                )
             if _port_open(self.port):
                 return
             time.sleep(0.05)
@@ -95,12 +100,28 @@ class Server:
             self.log = None
 
 
-def target_argv(target: str, port: int, *, flush_ms: float | None = None,
-                redis_url: str | None = None, relay_args: list[str] | None = None) -> list[str]:
+def target_argv(
+    target: str,
+    port: int,
+    *,
+    flush_ms: float | None = None,
+    redis_url: str | None = None,
+    relay_args: list[str] | None = None,
+) -> list[str]:
     py = sys.executable
     if target == "relay":
-        argv = [py, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--log-level", "warning"]
+        argv = [
+            py,
+            "-m",
+            "relay",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         if flush_ms is not None:
             argv += ["--flush-ms", str(flush_ms)]
         if redis_url:
@@ -113,7 +134,8 @@ def target_argv(target: str, port: int, *, flush_ms: float | None = None,
 
 def start_target(target: str, *, cpus: str | None, **options: object) -> Server:
     port = free_port()
-    server = Server(target, target_argv(target, port, **options), port, cpus)  # type: ignore[arg-type]
+    argv = target_argv(target, port, **options)  # type: ignore[arg-type]
+    server = Server(target, argv, port, cpus)
     server.start()
     return server
 

@@ -14,11 +14,11 @@ Run: ``python -m benchmarks.baselines.broadcast --port 8002``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import msgpack
+import uvloop
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
 ROOMS: dict[str, set[ServerConnection]] = {}
@@ -27,6 +27,7 @@ OFFSETS: dict[str, int] = {}
 
 
 async def handler(websocket: ServerConnection) -> None:
+    assert websocket.request is not None  # the handshake is done
     url = urlsplit(websocket.request.path)
     room = url.path.removeprefix("/ws/")
     player = parse_qs(url.query).get("player", [""])[0]
@@ -34,8 +35,20 @@ async def handler(websocket: ServerConnection) -> None:
     members = ROOMS.setdefault(room, set())
     members.add(websocket)
     limits = {"max_frame_bytes": 1 << 20, "max_msgs_per_s": 0}
-    welcome = [0, 1, actor, room, [[actor, player, {}]], {}, int(time.time() * 1000),
-               limits, OFFSETS.get(room, 0), "broadcast", "", None]
+    welcome = [
+        0,
+        1,
+        actor,
+        room,
+        [[actor, player, {}]],
+        {},
+        int(time.time() * 1000),
+        limits,
+        OFFSETS.get(room, 0),
+        "broadcast",
+        "",
+        None,
+    ]
     try:
         await websocket.send(msgpack.packb(welcome))
         async for message in websocket:
@@ -58,11 +71,7 @@ def run() -> None:
     parser.add_argument("--port", type=int, default=8002)
     args = parser.parse_args()
     try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    try:
-        (uvloop.run if uvloop else asyncio.run)(main(args.host, args.port))
+        uvloop.run(main(args.host, args.port))
     except KeyboardInterrupt:
         pass
 

@@ -34,8 +34,20 @@ class ConnectionManager:
         actor = self.next_actor.get(room, 0) + 1
         self.next_actor[room] = actor
         limits = {"max_frame_bytes": 1 << 20, "max_msgs_per_s": 0}
-        welcome = [0, 1, actor, room, [[actor, player, {}]], {}, int(time.time() * 1000),
-                   limits, self.offsets.get(room, 0), "tutorial", "", None]
+        welcome = [
+            0,
+            1,
+            actor,
+            room,
+            [[actor, player, {}]],
+            {},
+            int(time.time() * 1000),
+            limits,
+            self.offsets.get(room, 0),
+            "tutorial",
+            "",
+            None,
+        ]
         await websocket.send_bytes(msgpack.packb(welcome))
         return actor
 
