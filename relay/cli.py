@@ -11,6 +11,11 @@ from relay.config import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark suite has its own options: hand them over
+        from benchmarks.__main__ import main as bench
+
+        sys.exit(bench(argv[1:]))
     parser = argparse.ArgumentParser(prog="relay", description="multiplayer game state relay")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -28,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
     commands.add_parser("settings", help="print the settings table (markdown)")
+    commands.add_parser("bench", help="run the benchmarks (python -m benchmarks; see --help there)")
     token = commands.add_parser("token", help="print a signed player token (JWT HS256)")
     token.add_argument("--secret", required=True, help="the relay's --secret")
     token.add_argument("--player", required=True, help="the player id the token names")
