@@ -348,10 +348,12 @@ class Connection:
                 data = checked
             if kind is Event:
                 stats.messages_in["EVENT"] += 1
-                node.submit(seat, event_entry(seat.actor, msg.seq, data))  # type: ignore[union-attr]
+                if not node.submit(seat, event_entry(seat.actor, msg.seq, data), msg.seq):  # type: ignore[union-attr]
+                    continue
             elif kind is State:
                 stats.messages_in["STATE"] += 1
-                node.submit(seat, state_entry(seat.actor, msg.key, data))  # type: ignore[union-attr]
+                if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq):  # type: ignore[union-attr]
+                    continue
             else:
                 stats.messages_in["DIRECT"] += 1
                 if not node.direct(seat, msg.to_actor, msg.seq, data):  # type: ignore[union-attr]

@@ -246,15 +246,15 @@ class Node:
 
     # --- moves in --------------------------------------------------------------------
 
-    def submit(self, seat: Seat, entry: Entry, seq: int | None = None) -> None:
+    def submit(self, seat: Seat, entry: Entry, seq: int | None = None) -> bool:
         """Queue a move for the room order; published at the end of this loop iteration.
 
         While the backplane is unavailable (Redis down) the move is refused with
-        ERROR ``unavailable`` instead: never taken and then silently lost.
+        ERROR ``unavailable`` instead (False): never taken and then silently lost.
         """
         if not self.backplane.ready():
             self._unavailable(seat, seq if seq is not None else _seq_of(entry))
-            return
+            return False
         room = seat.room
         if not room.pending:
             self._to_publish.append(room)
@@ -262,6 +262,7 @@ class Node:
                 self._publish_scheduled = True
                 asyncio.get_running_loop().call_soon(self._publish_all)
         room.pending.append(entry)
+        return True
 
     def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:
         """Send a DIRECT; False when the room has no such actor."""

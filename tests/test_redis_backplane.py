@@ -70,7 +70,7 @@ async def test_offsets_are_encoded_exactly_as_msgpack_does(started, redis_server
     backplane, seen = await started()
     for start in (120, 250, 65530, 2**32 - 3):  # rooms already this far: across every integer width
         room = f"r{start}"
-        command(redis_server.port, "HSET", "{relay:%s}:meta" % room, "e", "ep", "o", str(start), "a", "1")
+        command(redis_server.port, "HSET", f"{{relay:{room}}}:meta", "e", "ep", "o", str(start), "a", "1")
         await backplane.subscribe(room)
         joined = await backplane.join(room, "p", {}, max_players=8)
         assert joined.offset == start + 1
@@ -147,7 +147,7 @@ async def test_scripts_are_reloaded_when_redis_forgot_them(started, redis_server
 
 async def test_direct_goes_to_the_room_channel(started):
     a, seen_a = await started()
-    b, seen_b = await started()
+    b, _ = await started()
     for backplane in (a, b):
         await backplane.subscribe("r")
     b.direct("r", 5, b"\x94\x03\x01\x01\xa1x")
@@ -184,3 +184,15 @@ async def test_a_dead_nodes_players_are_reaped_by_a_live_one(started):
     assert (leave.actor, leave.wire) == (doomed, protocol.with_offset(protocol.leave_head(doomed, 1006), leave.offset))
     state = await live.room("r")
     assert state is not None and [m.player for m in state.members.values()] == ["stays"]
+
+
+async def test_subscribing_while_the_heartbeat_pings_subscriptions(started):
+    backplane, _ = await started()
+    link = backplane.link
+    for i in range(20):
+        await link.close_subscribers()  # so that the next subscribe connects anew
+        subscribing = asyncio.create_task(link.subscribe(f"{{relay:r{i}}}:ch".encode()))
+        while not subscribing.done():
+            await link.ping_subscribers()  # as the heartbeat does, at the worst moment
+            await asyncio.sleep(0)
+        await subscribing  # a ping must not break the connection being made

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from relay_client import Event, Join, State, connect, open_client
+
 from tests.helpers import collect, next_of
 from tests.redisproc import command
 from tests.test_e2e_order import MOVES, room_messages, send_moves
@@ -33,7 +33,7 @@ async def test_rooms_on_every_shard_relay_in_one_order(redis_cluster, redis_rela
             assert (await next_of(x, State)).data == name
             assert (await next_of(y, Event)).data == name
     # A room's keys carry its hash tag: all on one shard. Together, the rooms used every shard.
-    owners = {shard_of(redis_cluster, "{relay:%s}:meta" % name) for name in rooms}
+    owners = {shard_of(redis_cluster, f"{{relay:{name}}}:meta") for name in rooms}
     assert len(owners) == 3, owners
 
 
@@ -43,7 +43,7 @@ async def test_one_order_across_two_relays_on_a_cluster(redis_cluster, redis_rel
         senders = [await open_client((a, b)[i % 2].url, room, player=f"s{i}") for i in range(2)]
         try:
             expected = 2 * (MOVES + MOVES // 10)
-            done = lambda ms: len(room_messages(ms)) >= expected  # noqa: E731
+            done = lambda ms: len(room_messages(ms)) >= expected
             watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
             await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
             seen1, seen2 = await asyncio.gather(*watching)

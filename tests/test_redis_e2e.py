@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from relay_client import Direct, Event, Join, Leave, State, connect, open_client
+
+from tests import test_e2e_resume as resume_suite
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, wait_until
 from tests.relayproc import RelayProcess, free_port
@@ -21,7 +22,7 @@ async def test_one_order_for_watchers_on_different_nodes(redis_server, redis_rel
         senders = [await open_client((a, b, a)[i].url, room, player=f"s{i}") for i in range(3)]
         try:
             expected = 3 * (MOVES + MOVES // 10)
-            done = lambda ms: len(room_messages(ms)) >= expected  # noqa: E731
+            done = lambda ms: len(room_messages(ms)) >= expected
             watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
             await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
             seen1, seen2 = await asyncio.gather(*watching)
@@ -53,7 +54,7 @@ async def test_late_joiner_on_another_node_is_consistent_with_the_order(redis_se
         await mover.flush()
         late = late_box["client"]
         try:
-            last_pos = lambda ms: any(isinstance(m, State) and m.data == total - 1 for m in ms)  # noqa: E731
+            last_pos = lambda ms: any(isinstance(m, State) and m.data == total - 1 for m in ms)
             seen_by_watch = await collect(watch, last_pos, seconds=20)
             seen_by_late = await collect(late, last_pos, seconds=20)
         finally:
@@ -98,6 +99,7 @@ async def test_presence_and_rooms_across_nodes(redis_server, redis_relays, room)
 async def test_direct_reaches_a_player_on_another_node(redis_server, redis_relays, room):
     a, b = redis_relays(redis_server.url, 2)
     async with connect(a.url, room, player="x") as x, connect(b.url, room, player="y") as y:
+        await next_of(x, Join)  # y is addressable from x's node once its JOIN got there
         x.send_direct(y.actor, {"secret": 7})
         direct = await next_of(y, Direct)
         assert (direct.actor, direct.data) == (x.actor, {"secret": 7})
@@ -164,3 +166,17 @@ async def test_workers_on_one_port_share_rooms(redis_server, room):
                 await client.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        resume_suite.test_aborted_connection_resumes_with_every_missed_move_once,
+        resume_suite.test_moves_resent_after_resume_are_applied_once,
+    ],
+    ids=["aborted", "resent"],
+)
+async def test_resume_suite_on_the_redis_backplane(case, redis_server, redis_relays, room):
+    """The resume tests of the memory backplane, on a node whose history comes from Redis."""
+    (a,) = redis_relays(redis_server.url, 1)
+    await case(a, room)

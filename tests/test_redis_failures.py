@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
-
 from relay_client import Error, Event, Leave, Resynced, State, connect, open_client
+
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, ready, wait_until
 from tests.relayproc import timeout
@@ -20,7 +20,7 @@ TTL = 2.0  # node_ttl_s in these tests
 
 
 def metric(relay, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", relay.get_text("/metrics"), re.M)
+    found = re.search(rf"^{name} (\S+)$", relay.get_text("/metrics"), re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 
@@ -120,7 +120,7 @@ async def test_a_cut_subscription_is_repaired_from_history_without_loss(redis_se
 
             watching = asyncio.create_task(errors())
             await move()
-            expected = lambda: [i for i in range(150) if i not in refused]  # noqa: E731
+            expected = lambda: [i for i in range(150) if i not in refused]
             got = await collect(watch, lambda ms: [m.data for m in ms if isinstance(m, Event)][-1:] == [149], 15)
             watching.cancel()
             events = [m for m in got if isinstance(m, Event)]
