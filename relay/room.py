@@ -63,7 +63,8 @@ class RoomState:
     members: dict[int, Member] = field(default_factory=dict)
     snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
     history_size: int = 0
-    history: deque[Entry] = field(default_factory=deque)  # the last history_size entries
+    # The last history_size entries, kept lean for resume: (offset, actor, kind, wire).
+    history: deque[tuple[int, int, MsgType, bytes]] = field(default_factory=deque)
 
     def new_actor(self) -> int:
         actor = self.next_actor
@@ -80,9 +81,10 @@ class RoomState:
             self.apply(entry)
         self.offset = offset
         if self.history_size:
-            self.history.extend(entries)
-            while len(self.history) > self.history_size:
-                self.history.popleft()
+            history = self.history
+            history.extend((e.offset, e.actor, e.kind, e.wire) for e in entries)
+            while len(history) > self.history_size:
+                history.popleft()
 
     def history_after(self, offset: int, epoch: str) -> list[Entry] | None:
         """Every entry after ``offset`` in ``epoch``, or None when history no longer reaches it."""
@@ -91,10 +93,13 @@ class RoomState:
         if offset == self.offset:
             return []
         history = self.history
-        if not history or history[0].offset > offset + 1:
+        if not history or history[0][0] > offset + 1:
             return None
-        skip = offset + 1 - history[0].offset
-        return list(history)[skip:]
+        skip = offset + 1 - history[0][0]
+        return [
+            Entry(kind, actor, b"", offset=at, wire=wire)
+            for at, actor, kind, wire in list(history)[skip:]
+        ]
 
     def apply(self, entry: Entry) -> None:
         kind = entry.kind
