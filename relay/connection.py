@@ -48,6 +48,12 @@ OFFSET = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also tak
 class Connection:
     """One WebSocket: the reader loop, the writer task, and the close."""
 
+    # Slots: thousands of these live as long as their games do.
+    __slots__ = (
+        "relay", "settings", "stats", "scope", "receive", "send", "_wakeup", "close_code",
+        "close_reason", "writer", "seat", "session", "proto", "__weakref__",
+    )
+
     def __init__(self, relay: Relay, scope: Scope, receive: Receive, send: Send) -> None:
         self.relay = relay
         self.settings = relay.settings

@@ -50,7 +50,7 @@ class Seat:
     last_seq: int | None = None  # the highest seq accepted from this seat, across connections
     held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
     held_code: int = 0
-    held_directs: list[bytes] = field(default_factory=list)
+    held_directs: list[bytes] | None = None  # made when a DIRECT arrives for a held seat
     owner: object = None  # the connection serving this seat now
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
@@ -221,9 +221,9 @@ class Node:
             mine = [e for e in missed if old.echo or e.actor != old.actor]
             if mine:
                 self._push(old, Batch(b"".join(e.wire for e in mine), mine), now)
-        for wire in old.held_directs:
+        for wire in old.held_directs or ():
             self._push(old, Batch(wire, [Entry(MsgType.DIRECT, old.actor, b"", wire=wire)]), now)
-        old.held_directs = []
+        old.held_directs = None
         old.wake()
         return old
 
@@ -387,6 +387,8 @@ class Node:
         room = self.rooms.get(room_name)
         seat = room.seats.get(to_actor) if room is not None else None
         if seat is not None and seat.held is not None:
+            if seat.held_directs is None:
+                seat.held_directs = []
             seat.held_directs.append(wire)
             del seat.held_directs[: -self.settings.max_held_directs]
         elif seat is not None:

@@ -40,6 +40,12 @@ _EMPTY: deque[Batch] = deque(maxlen=0)  # shared and always empty: appending to 
 
 
 class Outbox:
+    __slots__ = (
+        "soft_bytes", "hard_bytes", "max_frame_bytes", "size", "dropped_total",
+        "coalesced_total", "congested_since", "must_close", "_items", "_dropped_unreported",
+        "_coalesce_above",
+    )
+
     def __init__(self, *, soft_bytes: int, hard_bytes: int, max_frame_bytes: int) -> None:
         self.soft_bytes = soft_bytes
         self.hard_bytes = hard_bytes

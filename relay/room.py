@@ -64,7 +64,7 @@ class RoomState:
     snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
     history_size: int = 0
     # The last history_size entries, kept lean for resume: (offset, actor, kind, wire).
-    history: deque[tuple[int, int, MsgType, bytes]] = field(default_factory=deque)
+    history: deque[tuple[int, int, MsgType, bytes]] | None = None  # made on first use
 
     def new_actor(self) -> int:
         actor = self.next_actor
@@ -82,6 +82,8 @@ class RoomState:
         self.offset = offset
         if self.history_size:
             history = self.history
+            if history is None:
+                history = self.history = deque()
             history.extend((e.offset, e.actor, e.kind, e.wire) for e in entries)
             while len(history) > self.history_size:
                 history.popleft()
@@ -92,7 +94,7 @@ class RoomState:
             return None
         if offset == self.offset:
             return []
-        history = self.history
+        history = self.history or ()
         if not history or history[0][0] > offset + 1:
             return None
         skip = offset + 1 - history[0][0]

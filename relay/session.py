@@ -30,6 +30,12 @@ class _Window:
 
 
 class Session:
+    __slots__ = (
+        "last_seq", "_rate", "_burst", "_tokens", "_refilled", "_byte_rate", "_byte_burst",
+        "_byte_tokens", "_bytes_refilled", "_max_errors", "_max_rate_errors", "_errors",
+        "_rate_errors",
+    )
+
     def __init__(self, settings: Settings, now: float) -> None:
         self.last_seq: int | None = None
         self._rate = settings.max_msgs_per_s
