@@ -124,7 +124,7 @@ def parse(f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}")
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def table_markdown() -> str:

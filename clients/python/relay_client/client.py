@@ -192,7 +192,6 @@ class Client:
                 await self._read_connection(self.ws)
                 rcvd = self.ws.protocol.close_rcvd
                 code = rcvd.code if rcvd is not None else 1006
-                reason = rcvd.reason if rcvd is not None else ""
                 if self._closing or not self.auto_resume or code not in RESUMABLE:
                     break
                 if not await self._resume():
