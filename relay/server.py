@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections import Counter
@@ -79,6 +80,20 @@ class WebSocketEndpoint:
         await Connection(self.relay, scope, receive, send).run()
 
 
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector from stalling rooms.
+
+    Relaying allocates a few short-lived objects per move, freed by reference
+    counting, but each allocation counts towards a collection. A full collection
+    walks every live object (every connection's state) and showed as pauses of
+    tens of milliseconds under load. Objects made at start-up are frozen out of
+    collections, and collections run less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
@@ -99,6 +114,7 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await relay.node.start()
         RUNNING.add(relay)
+        tune_gc()
         log.info(
             "relay ready on ws://%s:%d/ws/{room} (backplane: %s)",
             settings.host, settings.port, relay.node.backplane.name,
