@@ -30,7 +30,7 @@ class Settings:
     redis_prefix: str = _setting("relay", "namespace for every Redis key and channel")
     redis_timeout_s: float = _setting(2.0, "Redis connect and command timeout; past it Redis counts as down")
     node_ttl_s: float = _setting(
-        10.0, "a node silent this long (dead) has its players removed from rooms by the others (LEAVE 1006)"
+        10.0, "a node silent this long (dead) has its players' seats held for resume, then removed, by the others"
     )
     secret: str = _setting("", "token secret: when set, players need a signed token (JWT HS256)")
     allowed_origins: str = _setting("*", "comma-separated browser origins allowed to connect, or *")
@@ -65,7 +65,9 @@ class Settings:
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     request_timeout_s: float = _setting(10.0, "time a new connection has to send its request headers")
     shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
-    resume_window_s: float = _setting(10.0, "how long a broken connection's seat is held for resume")
+    resume_window_s: float = _setting(
+        10.0, "how long a broken connection's seat is held for resume (on any node with --redis)"
+    )
     history_size: int = _setting(1000, "room messages kept per room for resume (0: none)")
     max_held_directs: int = _setting(100, "DIRECTs kept for a held seat until it resumes")
     log_level: str = _setting("info", "log level: debug, info, warning, error")

@@ -132,21 +132,20 @@ class Connection:
             close=self.close,
             owner=self,
         )
-        resumed = None
-        if params["resume"]:
-            resumed = await self.relay.node.resume(
-                params["resume"], seat.player, room, params["offset"], params["epoch"], seat
-            )
-        if resumed is not None:
-            self.seat = seat = resumed
-            self.session.last_seq = seat.last_seq
-        else:
-            try:
-                await self.relay.node.join(seat)
-            except RoomFull:
-                return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
-            except Unavailable:
-                return await self._close_now(CloseCode.AT_CAPACITY, "the backplane is unavailable; try again later")
+        node = self.relay.node
+        try:
+            resumed = None
+            if params["resume"]:
+                resumed = await node.resume(params["resume"], seat.player, room, params["offset"], params["epoch"], seat)
+            if resumed is not None:
+                self.seat = seat = resumed
+                self.session.last_seq = seat.last_seq
+            else:
+                await node.join(seat)
+        except RoomFull:
+            return await self._close_now(CloseCode.ROOM_FULL, "the room is full")
+        except Unavailable:
+            return await self._close_now(CloseCode.AT_CAPACITY, "the backplane is unavailable; try again later")
         self.relay.connections.add(self)
         if self.proto is not None:
             seat.send_framed = self._send_framed
@@ -166,12 +165,23 @@ class Connection:
             if seat.owner is self:  # not taken over by a resuming connection
                 seat.last_seq = self.session.last_seq
                 if self._holds_seat(leave_code):
-                    self.relay.node.hold(seat, leave_code)
+                    node.hold(seat, leave_code)
+                elif self._hands_off_seat():
+                    node.hand_off(seat)
                 else:
-                    await self.relay.node.leave(seat, leave_code)
+                    await node.leave(seat, leave_code)
             await self._finish()
             self.relay.connections.discard(self)
             self.stats.closes[leave_code] += 1
+
+    def _hands_off_seat(self) -> bool:
+        """A node shutting down leaves its seats to the backplane, for a resume on another node."""
+        return (
+            self.relay.closing
+            and self.settings.resume_window_s > 0
+            and self.relay.node.backplane.hands_off_seats
+            and self.close_code == CloseCode.GOING_AWAY
+        )
 
     def _holds_seat(self, code: int) -> bool:
         """Broken links keep the seat for a resume; deliberate closes give it up."""

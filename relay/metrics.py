@@ -42,6 +42,7 @@ class Stats:
         self.dropped = 0
         self.coalesced = 0
         self.slow_consumer_closes = 0
+        self.resumes: Counter[str] = Counter()  # seats taken back, by where they were held
 
     def count_out(self, entries: list[Entry], recipients: int) -> None:
         """Count one batch delivered to ``recipients`` seats (own moves included, roughly)."""
@@ -144,6 +145,10 @@ class RelayCollector:
         yield _counter(
             "relay_slow_consumer_closes", "connections closed with 4008", s.slow_consumer_closes
         )
+        m = CounterMetricFamily("relay_resumes", "seats resumed, by the node that held them", labels=["held_by"])
+        for where, n in sorted(s.resumes.items()):
+            m.add_metric([where], n)
+        yield m
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)
         if self.backplane is not None:

@@ -15,7 +15,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -46,7 +46,8 @@ class Seat:
     after_offset: int = 0  # the offset of this seat's WELCOME: it gets what follows
     early: list[list[Entry]] | None = field(default_factory=list)  # batches seen while joining
     left: bool = False
-    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    resume_token: str = ""  # ``<actor>.<secret>``, set once seated
     last_seq: int | None = None  # the highest seq accepted from this seat, across connections
     held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
     held_code: int = 0
@@ -54,6 +55,16 @@ class Seat:
     owner: object = None  # the connection serving this seat now
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
+
+
+@dataclass(slots=True)
+class _Resume:
+    """A resume token's parts, and where the player's view of the room ends."""
+
+    actor: int
+    secret: str
+    offset: int | None
+    epoch: str | None
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +94,7 @@ class Node:
         self.tokens: dict[str, Seat] = {}  # resume token -> seat, for seats in a room
         self._batch_per_member_s = settings.batch_us_per_member / 1e6
         self._max_batch_s = settings.max_batch_ms / 1000.0
+        self._keeps_seqs = backplane.hands_off_seats
         self.rules = {
             room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
         }
@@ -104,6 +116,13 @@ class Node:
 
     async def join(self, seat: Seat) -> Joined:
         """Seat a connection in its room; WELCOME is queued on its outbox. May raise RoomFull."""
+        joined = await self._enter(seat, None)
+        assert joined is not None
+        return joined
+
+    async def _enter(self, seat: Seat, resume: _Resume | None) -> Joined | None:
+        """Join, or take over a seat held elsewhere (``resume``; None when there is no such
+        seat). WELCOME, then any replayed history, then the room's live order."""
         room = seat.room
         if room.name not in self.rooms:
             self.rooms[room.name] = room
@@ -116,20 +135,33 @@ class Node:
         room = seat.room = self.rooms[room.name]
         self._publish_room(room)  # moves already read come before this JOIN
         room.joining.append(seat)
+        missed = None
         try:
-            joined = await self.backplane.join(
-                room.name,
-                seat.player,
-                seat.meta,
-                max_players=self.settings.max_players_per_room,
-            )
+            if resume is None:
+                joined = await self.backplane.join(
+                    room.name,
+                    seat.player,
+                    seat.meta,
+                    max_players=self.settings.max_players_per_room,
+                    secret=seat.secret,
+                )
+            else:
+                seat.actor = resume.actor  # DIRECTs passed on from its old node may come before WELCOME
+                joined = await self.backplane.takeover(room.name, resume.actor, resume.secret, seat.player)
+                if joined is not None and resume.offset is not None and resume.epoch is not None:
+                    missed = await self.backplane.history(room.name, resume.offset, resume.epoch)
         except BaseException:
             room.joining.remove(seat)
             await self._forget_if_empty(room)
             raise
         room.joining.remove(seat)
+        if joined is None:
+            await self._forget_if_empty(room)
+            return None
         seat.actor = joined.member.actor
-        seat.after_offset = joined.offset
+        if resume is not None:
+            seat.secret, seat.last_seq = resume.secret, joined.last_seq
+        seat.resume_token = f"{seat.actor}.{seat.secret}"
         if room.state is None or room.state.epoch != joined.epoch:
             room.state = _mirror(room.name, joined)
             self._start_rules(room)
@@ -137,13 +169,29 @@ class Node:
         room.seats[seat.actor] = seat
         self.tokens[seat.resume_token] = seat
         now = time.monotonic()
-        seat.outbox.push_control(self._welcome(seat, joined), now)
+        seen = joined.offset  # the seat has the room up to here
+        if missed is not None:
+            assert resume is not None and resume.offset is not None
+            seat.outbox.push_control(self._welcome(seat, replace(joined, offset=resume.offset)), now)
+            self._replay(seat, missed, now)
+            seen = max(seen, missed[-1].offset) if missed else seen
+        else:
+            seat.outbox.push_control(self._welcome(seat, joined), now)
         for entries in early:
-            later = [e for e in entries if e.offset > joined.offset]
+            later = [e for e in entries if e.offset > seen]
             if later:
                 self._push(seat, Batch(b"".join(e.wire for e in later), later), now)
+                seen = later[-1].offset
+        seat.after_offset = seen
+        self._push_held_directs(seat, now)
         seat.wake()
         return joined
+
+    def _replay(self, seat: Seat, entries: list[Entry], now: float) -> None:
+        """Queue room messages a resuming seat missed (not its own, unless it echoes)."""
+        mine = [e for e in entries if seat.echo or e.actor != seat.actor]
+        if mine:
+            self._push(seat, Batch(b"".join(e.wire for e in mine), mine), now)
 
     async def leave(self, seat: Seat, close_code: int) -> None:
         """Take a seat out of its room; the room gets LEAVE. Safe to call twice."""
@@ -188,8 +236,18 @@ class Node:
         The WELCOME (same actor) goes on ``seat``'s outbox, followed by the room's
         messages after ``offset`` when history still has them all (else WELCOME
         carries the current snapshot), then any DIRECTs kept while it was away.
+        A seat of another node is taken over through the backplane (see
+        :meth:`seat_moved` for the other side).
         """
         old = self.tokens.get(token)
+        if old is None and self.backplane.hands_off_seats:
+            actor, _, secret = token.partition(".")
+            if not actor.isdigit() or not secret or seat.room.name != room_name:
+                return None
+            joined = await self._enter(seat, _Resume(int(actor), secret, offset, epoch))
+            if joined is not None:
+                self.stats.resumes["another_node"] += 1
+            return seat if joined is not None else None
         if old is None or old.left or old.player != player or old.room.name != room_name:
             return None
         room = old.room
@@ -218,14 +276,43 @@ class Node:
         )
         old.outbox.push_control(self._welcome(old, joined), now)
         if missed:
-            mine = [e for e in missed if old.echo or e.actor != old.actor]
-            if mine:
-                self._push(old, Batch(b"".join(e.wire for e in mine), mine), now)
-        for wire in old.held_directs or ():
-            self._push(old, Batch(wire, [Entry(MsgType.DIRECT, old.actor, b"", wire=wire)]), now)
-        old.held_directs = None
+            self._replay(old, missed, now)
+        self._push_held_directs(old, now)
         old.wake()
+        self.stats.resumes["this_node"] += 1
         return old
+
+    def seat_moved(self, room_name: str, actor: int) -> None:
+        """The seat's player resumed on another node: let the seat go here, without a LEAVE."""
+        room = self.rooms.get(room_name)
+        seat = room.seats.get(actor) if room is not None else None
+        if room is None or seat is None:
+            return
+        if seat.held is not None:
+            seat.held.cancel()
+            seat.held = None
+        else:  # the old connection is still open here (a half-dead link): it is replaced
+            seat.close(CloseCode.REPLACED, "this seat was resumed on another node", False)
+        self._let_go(seat)
+        for wire in seat.held_directs or ():  # kept for it here: passed on to its new node
+            self.backplane.direct(room_name, actor, wire)
+        seat.held_directs = None
+        self._spawn(self._forget_if_empty(room))
+
+    def hand_off(self, seat: Seat) -> None:
+        """This process is going away: its seat stays in the room, held by the backplane for
+        a resume on another node (``hands_off_seats``), which sends LEAVE if none comes."""
+        self._publish_room(seat.room)  # its last moves go out first
+        self._let_go(seat)
+
+    def _let_go(self, seat: Seat) -> None:
+        seat.left = True
+        seat.owner = None  # its connection, if any, neither holds nor leaves it
+        if self.tokens.get(seat.resume_token) is seat:
+            del self.tokens[seat.resume_token]
+        if seat.room.seats.get(seat.actor) is seat:
+            del seat.room.seats[seat.actor]
+        self._to_flush.discard(seat)
 
     def kick(self, seat: Seat, code: int, reason: str, *, flush: bool) -> None:
         """Close a seat's connection from the server side and take it out of its room."""
@@ -266,13 +353,16 @@ class Node:
 
     def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:
         """Send a DIRECT; False when the room has no such actor."""
-        state = seat.room.state
+        room = seat.room
+        state = room.state
         if state is None or to_actor not in state.members:
             return False
         if not self.backplane.ready():
             self._unavailable(seat, seq)
             return True
-        self.backplane.direct(seat.room.name, to_actor, protocol.direct(seat.actor, seq, data))
+        if room.pending:  # the seat's earlier moves are taken first (``seqs`` stay in order)
+            self._publish_room(room)
+        self.backplane.direct(room.name, to_actor, protocol.direct(seat.actor, seq, data), seat.actor, seq)
         return True
 
     def _unavailable(self, seat: Seat, seq: int | None) -> None:
@@ -312,7 +402,15 @@ class Node:
         if room.pending:
             entries, room.pending = room.pending, []
             room.last_publish = asyncio.get_running_loop().time()
-            self.backplane.publish(room.name, entries)
+            seqs = None
+            if self._keeps_seqs:  # for a takeover elsewhere: what the room has from each seat
+                seats = room.seats
+                seqs = {}
+                for actor in {e.actor for e in entries}:
+                    seat = seats.get(actor)
+                    if seat is not None and seat.last_seq is not None:
+                        seqs[actor] = seat.last_seq
+            self.backplane.publish(room.name, entries, seqs)
 
     # --- the room order out ----------------------------------------------------------
 
@@ -322,7 +420,8 @@ class Node:
             return
         state = room.state
         if state is not None:
-            entries = [e for e in entries if e.offset > state.offset]
+            if entries[0].offset <= state.offset:  # some were in the snapshot already
+                entries = [e for e in entries if e.offset > state.offset]
             for entry in entries:
                 state.apply(entry)
                 if room.rules is not None:
@@ -385,16 +484,28 @@ class Node:
 
     def deliver_direct(self, room_name: str, to_actor: int, wire: bytes) -> None:
         room = self.rooms.get(room_name)
-        seat = room.seats.get(to_actor) if room is not None else None
-        if seat is not None and seat.held is not None:
-            if seat.held_directs is None:
-                seat.held_directs = []
-            seat.held_directs.append(wire)
-            del seat.held_directs[: -self.settings.max_held_directs]
-        elif seat is not None:
+        if room is None:
+            return
+        seat = room.seats.get(to_actor)
+        if seat is not None and seat.held is None:
             entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
             self._push(seat, Batch(wire, [entry]), time.monotonic())
             self.stats.messages_out[MsgType.DIRECT] += 1
+            return
+        if seat is None:  # maybe a seat being taken over here, its DIRECTs passed on from its old node
+            seat = next((s for s in room.joining if s.actor == to_actor), None)
+            if seat is None:
+                return
+        if seat.held_directs is None:  # kept until the seat resumes (bounded)
+            seat.held_directs = []
+        seat.held_directs.append(wire)
+        del seat.held_directs[: -self.settings.max_held_directs]
+
+    def _push_held_directs(self, seat: Seat, now: float) -> None:
+        for wire in seat.held_directs or ():
+            self._push(seat, Batch(wire, [Entry(MsgType.DIRECT, seat.actor, b"", wire=wire)]), now)
+            self.stats.messages_out[MsgType.DIRECT] += 1
+        seat.held_directs = None
 
     # --- game rules ------------------------------------------------------------------
 

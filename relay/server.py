@@ -52,6 +52,7 @@ class Relay:
             "rooms_local": len(self.node.rooms),
             "outbox_bytes": sum(seat.outbox.size for seat in seats),
             "outbox_bytes_max": max((seat.outbox.size for seat in seats), default=0),
+            "seats_held": sum(1 for seat in seats if seat.held is not None),
         }
 
     async def shutdown(self) -> None:

@@ -28,6 +28,7 @@ class Recorder:
         self.entries: list[Entry] = []
         self.directs: list[tuple[int, bytes]] = []
         self.resynced: list[str] = []
+        self.moved: list[int] = []
         self.changed = asyncio.Event()
 
     def deliver(self, room: str, entries: list[Entry]) -> None:
@@ -36,6 +37,10 @@ class Recorder:
 
     def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None:
         self.directs.append((to_actor, wire))
+        self.changed.set()
+
+    def seat_moved(self, room: str, actor: int) -> None:
+        self.moved.append(actor)
         self.changed.set()
 
     def resync(self, room: str) -> None:
@@ -125,7 +130,7 @@ async def test_a_batch_sent_twice_is_applied_once(started, redis_server):
     await backplane.subscribe("r")
     joined = await backplane.join("r", "p", {}, max_players=8)
     head = protocol.event_head(1, 1, protocol.pack("once"))
-    args = [0, joined.epoch, backplane.node_id, 99, 1, 1, "", len(protocol.pack("once")), head]
+    args = [0, joined.epoch, backplane.node_id, 99, "", 1, 1, "", len(protocol.pack("once")), head]
     sha = backplane._script("SEQUENCE")
     client = backplane.link.client
     assert await client.evalsha(sha, 1, "{relay:r}:meta", *args) == [1, 2]
@@ -169,8 +174,8 @@ async def test_history_gives_the_entries_after_an_offset(started):
 
 
 async def test_a_dead_nodes_players_are_reaped_by_a_live_one(started):
-    live, seen = await started(node_ttl_s=1)
-    dead, _ = await started(node_ttl_s=1)
+    live, seen = await started(node_ttl_s=1, resume_window_s=0)
+    dead, _ = await started(node_ttl_s=1, resume_window_s=0)
     await live.subscribe("r")
     await dead.subscribe("r")
     await live.join("r", "stays", {}, max_players=8)
@@ -196,3 +201,61 @@ async def test_subscribing_while_the_heartbeat_pings_subscriptions(started):
             await link.ping_subscribers()  # as the heartbeat does, at the worst moment
             await asyncio.sleep(0)
         await subscribing  # a ping must not break the connection being made
+
+
+def kill(backplane: RedisBackplane) -> None:
+    """Stop a backplane's heartbeat and connections, as a killed process would."""
+    for task in backplane._tasks:
+        task.cancel()
+    backplane._up = False
+
+
+async def test_a_dead_nodes_seats_are_held_for_the_window_then_removed(started):
+    live, seen = await started(node_ttl_s=1, resume_window_s=1)
+    dead, _ = await started(node_ttl_s=1, resume_window_s=1)
+    for backplane in (live, dead):
+        await backplane.subscribe("r")
+    await live.join("r", "stays", {}, max_players=8)
+    doomed = (await dead.join("r", "doomed", {}, max_players=8, secret="s3cret")).member.actor
+    kill(dead)
+    await dead.link.close()
+    client = live.link.client
+    async with asyncio.timeout(timeout(3)):  # found gone, and held: no LEAVE yet
+        while not await client.hexists("{relay:r}:hld", doomed):
+            await asyncio.sleep(0.05)
+    assert not any(e.kind is MsgType.LEAVE for e in seen.entries)
+    await seen.until(lambda: any(e.kind is MsgType.LEAVE for e in seen.entries), seconds=4)
+    leave = seen.entries[-1]
+    assert (leave.actor, leave.wire) == (doomed, protocol.with_offset(protocol.leave_head(doomed, 1006), leave.offset))
+    assert not await client.exists("{relay:r}:hld")
+    async with asyncio.timeout(timeout(3)):  # and the node is forgotten once nothing of it is held
+        while await client.sismember("relay:nodes", dead.node_id):
+            await asyncio.sleep(0.05)
+
+
+async def test_takeover_moves_a_seat_and_drops_the_old_nodes_late_moves(started):
+    old, seen_old = await started()
+    new, seen_new = await started()
+    for backplane in (old, new):
+        await backplane.subscribe("r")
+    joined = await old.join("r", "p", {"n": 1}, max_players=8, secret="s3cret")
+    actor = joined.member.actor
+    old.publish("r", [event_entry(actor, 1, protocol.pack("one"))], {actor: 7})
+    await seen_new.until(lambda: seen_new.entries[-1].kind is MsgType.EVENT)
+    assert await new.takeover("r", actor, "wrong", "p") is None
+    assert await new.takeover("r", actor, "s3cret", "someone else") is None
+    assert await new.takeover("r", actor + 1, "s3cret", "p") is None
+    taken = await new.takeover("r", actor, "s3cret", "p")
+    assert taken is not None
+    assert (taken.member.actor, taken.member.player, taken.member.meta) == (actor, "p", {"n": 1})
+    assert (taken.epoch, taken.offset, taken.last_seq) == (joined.epoch, 2, 7)
+    await seen_old.until(lambda: seen_old.moved == [actor])
+    assert seen_new.moved == []  # the taking node is not told about its own takeover
+    old.publish("r", [event_entry(actor, 2, protocol.pack("late"))], {actor: 8})  # in flight on the old node
+    new.publish("r", [event_entry(actor, 2, protocol.pack("again"))], {actor: 8})  # re-sent on the new one
+    await seen_new.until(lambda: seen_new.entries[-1].offset == 3)  # "late" would have been 3
+    assert [e.value for e in seen_new.entries if e.kind is MsgType.EVENT] == [protocol.pack("one"), protocol.pack("again")]
+    await old.leave("r", actor, 1000)  # the old node can no longer remove it either
+    await new.leave("r", actor, 1000)
+    await seen_new.until(lambda: seen_new.entries[-1].kind is MsgType.LEAVE)
+    assert seen_new.entries[-1].offset == 4

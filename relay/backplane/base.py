@@ -41,6 +41,7 @@ class Joined:
     snapshot: dict[int, dict[str | int, bytes]]
     offset: int
     epoch: str
+    last_seq: int | None = None  # a takeover: the highest seq the room has taken from the seat
 
 
 class Receiver(Protocol):
@@ -50,6 +51,10 @@ class Receiver(Protocol):
 
     def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None: ...
 
+    def seat_moved(self, room: str, actor: int) -> None:
+        """Another node took over this node's seat of ``actor`` (its player resumed there):
+        let it go without a LEAVE, closing its connection here if it is still open."""
+
     def resync(self, room: str) -> None:
         """This node lost part of the room's order and could not repair it: its seats
         there must start again from a fresh snapshot (their clients are closed and rejoin)."""
@@ -57,6 +62,9 @@ class Receiver(Protocol):
 
 class Backplane(Protocol):
     name: str
+    # Whether seats outlive this process: a resume token works on any node
+    # (:meth:`takeover`), and a node shutting down leaves its seats held, not left.
+    hands_off_seats: bool
 
     async def start(self, receiver: Receiver) -> None: ...
 
@@ -68,21 +76,29 @@ class Backplane(Protocol):
     async def unsubscribe(self, room: str) -> None: ...
 
     async def join(
-        self, room: str, player: str, meta: dict[str, Any], *, max_players: int
+        self, room: str, player: str, meta: dict[str, Any], *, max_players: int, secret: str = ""
     ) -> Joined:
         """Seat a player: a new actor and a JOIN in the room order; may raise RoomFull or Unavailable.
 
         If the same player is already seated, its old seat first gets LEAVE with
-        close code 4409; the node holding that connection closes it.
+        close code 4409; the node holding that connection closes it. ``secret`` is
+        the secret half of the seat's resume token, for :meth:`takeover`.
         """
+
+    async def takeover(self, room: str, actor: int, secret: str, player: str) -> Joined | None:
+        """Move ``player``'s seat ``actor`` to this node, if ``secret`` is its token's; the
+        room as it is now (``last_seq`` set), or None. Only when ``hands_off_seats``."""
 
     async def leave(self, room: str, actor: int, close_code: int) -> None:
         """Remove a member: LEAVE in the room order; its STATE leaves the snapshot."""
 
-    def publish(self, room: str, entries: list[Entry]) -> None:
-        """Put entries in the room order and deliver them; never blocks the caller."""
+    def publish(self, room: str, entries: list[Entry], seqs: dict[int, int] | None = None) -> None:
+        """Put entries in the room order and deliver them; never blocks the caller.
 
-    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
+        ``seqs``: the highest seq taken from each seat so far (kept for a takeover).
+        """
+
+    def direct(self, room: str, to_actor: int, wire: bytes, from_actor: int | None = None, seq: int = 0) -> None:
         """Deliver one encoded DIRECT to whichever node holds ``to_actor``."""
 
     async def history(self, room: str, after: int, epoch: str) -> list[Entry] | None:

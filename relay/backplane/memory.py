@@ -17,6 +17,7 @@ from relay.room import Entry, Member, RoomState, join_entry, leave_entry
 
 class MemoryBackplane:
     name = "memory"
+    hands_off_seats = False  # one process: its seats end with it
 
     def __init__(self, *, history_size: int = 0) -> None:
         self._history_size = history_size
@@ -36,7 +37,7 @@ class MemoryBackplane:
         pass
 
     async def join(
-        self, room: str, player: str, meta: dict[str, Any], *, max_players: int
+        self, room: str, player: str, meta: dict[str, Any], *, max_players: int, secret: str = ""
     ) -> Joined:
         state = self._rooms.get(room)
         if state is None:
@@ -66,12 +67,15 @@ class MemoryBackplane:
         if not state.members:
             del self._rooms[room]  # an empty room is gone; it comes back with a new epoch
 
-    def publish(self, room: str, entries: list[Entry]) -> None:
+    async def takeover(self, room: str, actor: int, secret: str, player: str) -> Joined | None:
+        return None  # every seat is in this process: the node finds it by its token
+
+    def publish(self, room: str, entries: list[Entry], seqs: dict[int, int] | None = None) -> None:
         state = self._rooms.get(room)
         if state is not None:
             self._sequence(room, state, entries)
 
-    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
+    def direct(self, room: str, to_actor: int, wire: bytes, from_actor: int | None = None, seq: int = 0) -> None:
         assert self._receiver is not None
         self._receiver.deliver_direct(room, to_actor, wire)
 

@@ -27,8 +27,16 @@ Failures, the guarantees of :mod:`relay.backplane.base` kept across them:
   nothing is missed; when the history no longer covers the gap, or the room is
   gone or has a new epoch (a restarted Redis), the node is told to resync the
   room (its clients are closed with 1011 and rejoin with a fresh snapshot).
-* A node that dies: its heartbeat key expires, and a live node removes its
-  players (LEAVE with 1006) within ``node_ttl_s``.
+* A node that dies: its heartbeat key expires, and within ``node_ttl_s`` a
+  live node holds its players' seats for ``resume_window_s`` (they may resume
+  on any node), then removes them (LEAVE with 1006). A node shutting down hands
+  its seats over the same way, at once (LEAVE with 1001 when nobody resumes).
+
+Resume on any node: a seat's resume token is ``<actor>.<secret>``, the secret
+kept in the room's keys; :meth:`takeover` moves the seat to the resuming node in
+one script, and the node that served it hears so on the room's channel and lets
+it go. Moves the old node still had in flight for that seat are not taken (the
+player re-sends them after WELCOME's ``last_seq``, which the scripts keep).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from relay.backplane.redis_link import FAILURES, RedisLink
 from relay.backplane.redis_nodes import Nodes
 from relay.config import Settings
 from relay.metrics import BackplaneStats
-from relay.protocol import MsgType
+from relay.protocol import CloseCode, MsgType
 from relay.room import Entry, Member, RoomState, new_epoch
 
 log = logging.getLogger("relay.redis")
@@ -67,9 +75,10 @@ MAX_BATCH_ENTRIES = 1000  # entries in one script call (and one published messag
 class _Op:
     """One script call (or command) for a room, in the room's queue."""
 
-    kind: str  # moves, join, leave, cancel, claim, forget, direct
+    kind: str  # moves, join, takeover, leave, cancel, release, claim, forget, direct
     epoch: str = ""
     entries: list[Entry] = field(default_factory=list)
+    seqs: dict[int, int] | None = None  # moves: the last seq taken from each seat
     args: list[Any] = field(default_factory=list)
     batch: int = 0  # set when first sent; kept on retries (the script skips repeats)
     future: asyncio.Future[Any] | None = None
@@ -97,6 +106,7 @@ class _Room:
 
 class RedisBackplane:
     name = "redis"
+    hands_off_seats = True  # seats live in Redis: any node can take one over
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -111,7 +121,8 @@ class RedisBackplane:
             on_subscribed=self._on_subscribed,
             on_lost=self._lost_link,
         )
-        sharded_src = {name: getattr(lua, name) for name in ("SEQUENCE", "JOIN", "LEAVE", "REMOVE_SEATED_BY", "READ")}
+        names = ("SEQUENCE", "DIRECT", "JOIN", "TAKEOVER", "LEAVE", "RELEASE_SEATED_BY", "READ")
+        sharded_src = {name: getattr(lua, name) for name in names}
         self._sha = {
             (name, sharded): self.link.script(lua.source(body, sharded=sharded))
             for name, body in sharded_src.items()
@@ -162,6 +173,10 @@ class RedisBackplane:
     async def close(self) -> None:
         """Send what is queued (bounded), say goodbye, and disconnect."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        hold_ms = int(self.settings.resume_window_s * 1000)
+        for r in list(self._rooms.values()):
+            if r.seated and hold_ms > 0:  # held in Redis, for their players to resume elsewhere
+                self._enqueue(r, _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms]))
         while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain
@@ -216,17 +231,12 @@ class RedisBackplane:
 
     # --- the room's operations -----------------------------------------------------------
 
-    async def join(self, room: str, player: str, meta: dict[str, Any], *, max_players: int) -> Joined:
-        if not self._up:
-            raise Unavailable("the Redis backplane is unavailable")
-        r = self._room(room)
-        if r.confirmed is not None and not r.confirmed.done():
-            await asyncio.shield(r.confirmed)  # another seat's subscribe: the JOIN must come after it
+    async def join(
+        self, room: str, player: str, meta: dict[str, Any], *, max_players: int, secret: str = ""
+    ) -> Joined:
         pack = protocol.pack
-        args = [new_epoch(), self.node_id, 0, player, pack([player, meta]), pack(player) + pack(meta), max_players]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._enqueue(r, _Op("join", args=args, future=future))
-        reply = await future
+        args = [new_epoch(), self.node_id, 0, player, pack([player, meta]), pack(player) + pack(meta), max_players, secret]
+        r, reply = await self._call(room, "join", args)
         if reply[0] == -3:
             raise RoomFull(room)
         _, actor, epoch, offset, members, snapshot = reply
@@ -241,13 +251,44 @@ class RedisBackplane:
             epoch=epoch,
         )
 
+    async def takeover(self, room: str, actor: int, secret: str, player: str) -> Joined | None:
+        """Move a seat to this node (a resume here); None when the token names no seat of ``player``."""
+        r, reply = await self._call(room, "takeover", [self.node_id, 0, actor, secret, player])
+        if reply[0] != 1:
+            return None
+        _, epoch, offset, members, snapshot, last_seq = reply
+        epoch = epoch.decode()
+        self._adopt(r, epoch, offset)
+        r.seated[actor] = epoch
+        members = lua.decode_members(members)
+        _, player, meta = next(m for m in members if m[0] == actor)
+        return Joined(
+            member=Member(actor, player, meta),
+            members=members,
+            snapshot=lua.decode_snapshot(snapshot),
+            offset=offset,
+            epoch=epoch,
+            last_seq=int(last_seq) if last_seq is not None else None,
+        )
+
+    async def _call(self, room: str, kind: str, args: list[Any]) -> tuple[_Room, Any]:
+        """Run a join or a takeover in the room's queue, after its subscription; its reply."""
+        if not self._up:
+            raise Unavailable("the Redis backplane is unavailable")
+        r = self._room(room)
+        if r.confirmed is not None and not r.confirmed.done():
+            await asyncio.shield(r.confirmed)  # another seat's subscribe: this must come after it
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(r, _Op(kind, args=args, future=future))
+        return r, await future
+
     async def leave(self, room: str, actor: int, close_code: int) -> None:
         r = self._rooms.get(room)
         epoch = r.seated.pop(actor, None) if r is not None else None
         if r is not None and epoch is not None:  # only seats this node made, in their own epoch
-            self._enqueue(r, _Op("leave", epoch, args=[epoch, actor, close_code]))
+            self._enqueue(r, _Op("leave", epoch, args=[epoch, actor, close_code, self.node_id]))
 
-    def publish(self, room: str, entries: list[Entry]) -> None:
+    def publish(self, room: str, entries: list[Entry], seqs: dict[int, int] | None = None) -> None:
         r = self._room(room)
         last = r.ops[-1] if r.ops else None
         if (
@@ -258,11 +299,16 @@ class RedisBackplane:
             and len(last.entries) + len(entries) <= MAX_BATCH_ENTRIES
         ):
             last.entries.extend(entries)  # not sent yet: one script call for both
+            if seqs:
+                if last.seqs is None:
+                    last.seqs = {}
+                last.seqs.update(seqs)
             return
-        self._enqueue(r, _Op("moves", r.epoch or "", entries=list(entries)))
+        self._enqueue(r, _Op("moves", r.epoch or "", entries=list(entries), seqs=seqs))
 
-    def direct(self, room: str, to_actor: int, wire: bytes) -> None:
-        self._enqueue(self._room(room), _Op("direct", args=[protocol.pack([0, to_actor, wire])]))
+    def direct(self, room: str, to_actor: int, wire: bytes, from_actor: int | None = None, seq: int = 0) -> None:
+        sender = "" if from_actor is None else from_actor
+        self._enqueue(self._room(room), _Op("direct", args=[sender, seq, protocol.pack([0, to_actor, wire])]))
 
     def _enqueue(self, r: _Room, op: _Op) -> None:
         r.ops.append(op)
@@ -329,7 +375,8 @@ class RedisBackplane:
         history = self.settings.history_size
         kind = op.kind
         if kind == "moves":
-            args: list[Any] = [history, op.epoch, self.node_id, op.batch]
+            seqs = b"" if not op.seqs else protocol.pack([x for pair in op.seqs.items() for x in pair])
+            args: list[Any] = [history, op.epoch, self.node_id, op.batch, seqs]
             for e in op.entries:
                 if e.kind is MsgType.STATE:
                     args += (2, e.actor, protocol.pack(e.key), len(e.value or b""), e.head)
@@ -341,22 +388,25 @@ class RedisBackplane:
         if kind == "join":
             op.args[2] = op.batch
             return ("EVALSHA", self._script("JOIN"), 1, r.meta, history, *op.args)
+        if kind == "takeover":
+            op.args[1] = op.batch
+            return ("EVALSHA", self._script("TAKEOVER"), 1, r.meta, history, *op.args)
         if kind == "leave":
             return ("EVALSHA", self._script("LEAVE"), 1, r.meta, history, *op.args)
-        if kind == "cancel":
-            return ("EVALSHA", self._script("REMOVE_SEATED_BY"), 1, r.meta, history, *op.args)
+        if kind in ("cancel", "release"):
+            return ("EVALSHA", self._script("RELEASE_SEATED_BY"), 1, r.meta, history, *op.args)
         if kind == "claim":
             return ("SADD", self.nodes.rooms_key, r.name)
         if kind == "forget":
             return ("SREM", self.nodes.rooms_key, r.name)
-        return ("SPUBLISH" if self.link.sharded else "PUBLISH", r.channel, op.args[0])
+        return ("EVALSHA", self._script("DIRECT"), 1, r.meta, history, self.node_id, *op.args)
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""
         if isinstance(result, NoScriptError):
             return False
         if isinstance(result, FAILURES) and not isinstance(result, ResponseError):
-            if op.kind == "join":  # in a Cluster, one shard can fail alone
+            if op.kind in ("join", "takeover"):  # in a Cluster, one shard can fail alone
                 self._join_lost(op, result)
             return False
         if isinstance(result, BaseException):  # a script error: a bug, not an outage
@@ -371,25 +421,26 @@ class RedisBackplane:
             self.stats.errors["stale_batch"] += 1
             if op.epoch and op.epoch == r.epoch and r.subscribed:
                 self._resync(r, "the room is gone from Redis" if result[0] == -1 else "the room has a new epoch")
-        elif op.kind == "join":
+        elif op.kind in ("join", "takeover"):
             if op.future is not None and not op.future.done():
                 op.future.set_result(result)
-            elif result[0] == 1:  # the joiner gave up waiting: take its seat back out
-                self._enqueue(r, _Op("leave", args=[result[2].decode(), result[1], 1006]))
+            elif result[0] == 1:  # the player gave up waiting: take its seat back out
+                actor, epoch = (result[1], result[2]) if op.kind == "join" else (op.args[2], result[1])
+                self._enqueue(r, _Op("leave", args=[epoch.decode(), actor, 1006, self.node_id]))
         return True
 
     def _join_lost(self, op: _Op, exc: BaseException) -> None:
         """A join whose reply was lost may have been applied: fail it, and undo it later."""
         if op.future is not None and not op.future.done():
             op.future.set_exception(Unavailable(f"the Redis backplane is unavailable: {exc}"))
-        op.kind, op.args, op.future = "cancel", [f"{self.node_id}/{op.batch}", 1011], None
+        op.kind, op.args, op.future = "cancel", [f"{self.node_id}/{op.batch}", 1011, 0], None
 
     def _requeue(self, sent: list[tuple[_Room, list[_Op]]], exc: BaseException | None = None) -> None:
         """Put operations back at the front of their rooms' queues, in order."""
         for r, ops in sent:
             if exc is not None:
                 for op in ops:
-                    if op.kind == "join":
+                    if op.kind in ("join", "takeover"):
                         self._join_lost(op, exc)
             r.ops.extendleft(reversed(ops))
             self._dirty[r.name] = r
@@ -410,9 +461,13 @@ class RedisBackplane:
         except ValueError:
             self.stats.errors["payload"] += 1
             return
-        if type(items[0]) is int:  # [0, to_actor, wire]: a DIRECT
+        if type(items[0]) is int:
             assert self._receiver is not None
-            self._receiver.deliver_direct(r.name, items[1], items[2])
+            if items[0] == 0:  # [0, to_actor, wire]: a DIRECT
+                self._receiver.deliver_direct(r.name, items[1], items[2])
+            elif items[0] == 1 and items[2].decode() != self.node_id:  # [1, actor, node]: a seat moved
+                if r.seated.pop(items[1], None) is not None:
+                    self._receiver.seat_moved(r.name, items[1])
         elif r.holding is not None:
             r.holding.append(items)
         else:
@@ -552,8 +607,12 @@ class RedisBackplane:
                 await self.link.ping_subscribers()
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + ttl * 0.2
-                    remove = self._script("REMOVE_SEATED_BY")
-                    self.stats.reaped += await self.nodes.reap(remove, self._room_meta, self.settings.history_size)
+                    self.stats.reaped += await self.nodes.reap(
+                        self._script("RELEASE_SEATED_BY"),
+                        self._room_meta,
+                        self.settings.history_size,
+                        hold_ms=int(self.settings.resume_window_s * 1000),
+                    )
             except Exception as exc:  # noqa: BLE001  # this loop must outlive anything: it is the heartbeat
                 self._lost_link(exc)
 

@@ -3,10 +3,12 @@
 Each relay process is a node with a random id. It keeps a heartbeat key that
 expires after ``0.6 * node_ttl_s`` and is refreshed every ``0.15 * node_ttl_s``,
 and a set of the rooms where it has players. Every node looks for nodes whose
-heartbeat expired every ``0.2 * node_ttl_s`` and removes their players (LEAVE
-with 1006, in each room's order): a node that dies without warning has its
-players gone from every room within ``node_ttl_s``. Removing is idempotent, so
-several nodes reaping the same dead one at once do no harm.
+heartbeat expired every ``0.2 * node_ttl_s`` and holds their players' seats
+for ``resume_window_s`` (a resume on any node takes one over), then removes
+them (LEAVE with 1006, in each room's order): a node that dies without warning
+has its players gone from every room within ``node_ttl_s + resume_window_s``,
+unless they come back. This is idempotent, so several nodes reaping the same
+dead one at once do no harm.
 
 These keys are not room keys: in a Redis Cluster they live on whichever shard
 their own slot names, and are written by plain commands, never by a room script.
@@ -54,8 +56,12 @@ class Nodes:
             pipe.srem(self.nodes_key, self.node_id)
         await pipe.execute()
 
-    async def reap(self, remove_script: str, room_meta_key: Any, history: int) -> int:
-        """Remove the players of nodes whose heartbeat expired; how many were removed."""
+    async def reap(self, release_script: str, room_meta_key: Any, history: int, *, hold_ms: int) -> int:
+        """Hold, then remove, the seats of nodes whose heartbeat expired; how many were removed.
+
+        A gone node's seats are held ``hold_ms`` for their players to resume on
+        another node (0: removed at once); the node stays listed until none is held.
+        """
         client = self.link.client
         nodes = [n.decode() for n in await client.smembers(self.nodes_key)]
         others = [n for n in nodes if n != self.node_id]
@@ -68,18 +74,23 @@ class Nodes:
         total = 0
         for node in dead:
             rooms = [room.decode() for room in await client.smembers(self.rooms_key_of(node))]
-            removed = 0
+            removed = held = 0
             if rooms:
                 pipe = self.link.pipeline()
                 for room in rooms:
-                    self.link.evalsha(pipe, remove_script, room_meta_key(room), [history, node + "/", 1006])
-                removed = sum(reply[0] for reply in await pipe.execute())
+                    self.link.evalsha(pipe, release_script, room_meta_key(room), [history, node + "/", 1006, hold_ms])
+                replies = await pipe.execute()
+                removed = sum(reply[0] for reply in replies)
+                held = sum(reply[1] for reply in replies)
+            total += removed
+            if removed:
+                log.warning("redis backplane: node %s is gone; removed %d of its players", node, removed)
+            if held:
+                continue  # looked at again on the next round, until their window ends
             pipe = self.link.pipeline()
             pipe.delete(self.rooms_key_of(node))
             pipe.srem(self.nodes_key, node)
             await pipe.execute()
-            log.warning("redis backplane: node %s is gone; removed its %d players", node, removed)
-            total += removed
         return total
 
     async def rooms(self) -> list[str]:

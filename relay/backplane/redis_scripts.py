@@ -23,7 +23,12 @@ Keys of room R with prefix P (tag ``{P:R}``):
                           ``n:<node>`` the last batch number applied from a node
 ``{P:R}:mem``             hash: actor -> msgpack ``[player, meta]``
 ``{P:R}:ply``             hash: player -> actor
-``{P:R}:nod``             hash: actor -> ``<node>/<join number>`` (for reaping)
+``{P:R}:nod``             hash: actor -> ``<node>/<join number>``: the node that
+                          serves the seat (for reaping, and resume elsewhere)
+``{P:R}:tok``             hash: actor -> the secret half of its resume token
+``{P:R}:seq``             hash: actor -> the highest seq taken from its seat
+``{P:R}:hld``             hash: actor -> ``<deadline ms>/<close code>`` for a seat
+                          held after its node went away
 ``{P:R}:s:<actor>``       hash: msgpack(key) -> raw msgpack data (the snapshot)
 ``{P:R}:log``             stream: the room's recent published batches
 ``{P:R}:ch``              the pub/sub channel (SPUBLISH in a Redis Cluster)
@@ -47,7 +52,8 @@ _KINDS = {k.value: k for k in (MsgType.EVENT, MsgType.STATE, MsgType.JOIN, MsgTy
 _PRELUDE = r"""
 local tag = string.sub(KEYS[1], 1, -6)
 local K_META, K_MEM, K_PLY, K_NOD, K_LOG = KEYS[1], tag .. ':mem', tag .. ':ply', tag .. ':nod', tag .. ':log'
-local CHANNEL = tag .. ':ch'
+local K_TOK, K_SEQ, K_HLD = tag .. ':tok', tag .. ':seq', tag .. ':hld'
+local CHANNEL, PUBLISH_COMMAND = tag .. ':ch', '%(publish)s'
 local HISTORY = tonumber(ARGV[1])
 local EPOCH, OFFSET, FIRST
 local out = {}
@@ -79,7 +85,7 @@ local function publish()
   local msg = {EPOCH, FIRST}
   for i = 1, #out do msg[i + 2] = out[i] end
   local payload = cmsgpack.pack(msg)
-  redis.call('%(publish)s', CHANNEL, payload)
+  redis.call(PUBLISH_COMMAND, CHANNEL, payload)
   if HISTORY > 0 then  -- keeps at least the last HISTORY entries (whole batches)
     redis.call('XADD', K_LOG, 'MINID', '~', '0-' .. math.max(OFFSET - HISTORY, 0), '0-' .. OFFSET, 'b', payload)
   end
@@ -91,55 +97,115 @@ local function remove_member(actor, code)
   local player = cmsgpack.unpack(blob)[1]
   redis.call('HDEL', K_MEM, actor)
   redis.call('HDEL', K_NOD, actor)
+  redis.call('HDEL', K_TOK, actor)
+  redis.call('HDEL', K_SEQ, actor)
+  redis.call('HDEL', K_HLD, actor)
   if redis.call('HGET', K_PLY, player) == tostring(actor) then redis.call('HDEL', K_PLY, player) end
   redis.call('DEL', snap_key(actor))
   emit(6, actor, '', 0, '\148\6' .. cmsgpack.pack(actor) .. cmsgpack.pack(code))
   return true
 end
 
+-- Whether ``node`` serves the seat of ``actor``: 'mine', 'moved' (another node
+-- took it over: a resume) or 'gone' (no such member).
+local function seat_of(actor, node)
+  local seated = redis.call('HGET', K_NOD, actor)
+  if not seated then return 'gone' end
+  if string.sub(seated, 1, #node + 1) == node .. '/' then return 'mine' end
+  return 'moved'
+end
+
+-- The room's members hash and its snapshot, flat, as HGETALL gives them.
+local function read_members_and_snapshot()
+  local members = redis.call('HGETALL', K_MEM)
+  local snapshot = {}
+  for i = 1, #members, 2 do
+    local values = redis.call('HGETALL', snap_key(members[i]))
+    if #values > 0 then
+      snapshot[#snapshot + 1] = members[i]
+      snapshot[#snapshot + 1] = values
+    end
+  end
+  return members, snapshot
+end
+
 -- After LEAVEs: an empty room is gone, and comes back with a new epoch.
 local function drop_if_empty()
   if redis.call('HLEN', K_MEM) == 0 then
-    redis.call('DEL', K_META, K_MEM, K_PLY, K_NOD, K_LOG)
+    redis.call('DEL', K_META, K_MEM, K_PLY, K_NOD, K_LOG, K_TOK, K_SEQ, K_HLD)
   end
 end
 """
 
-# Moves. ARGV: history, epoch, node, batch number, then five per entry:
-# kind, actor, msgpack(key) or '', length of data, head.
+# Moves. ARGV: history, epoch, node, batch number, msgpack of the seats' last seqs
+# ([actor, seq, ...], or ''), then five per entry: kind, actor, msgpack(key) or '',
+# length of data, head. Moves of a seat that another node has taken over since
+# (a resume there) are not taken: its player re-sends them there, after last_seq.
 # Returns {1, offset}, {0} for a batch already applied (a retry), {-1} when the
 # room is gone, {-2} when it has another epoch.
 SEQUENCE = r"""
 if not open_room() then return {-1} end
 if EPOCH ~= ARGV[2] then return {-2} end
-local seen = 'n:' .. ARGV[3]
+local node = ARGV[3]
+local seen = 'n:' .. node
 local batch = tonumber(ARGV[4])
 if batch <= tonumber(redis.call('HGET', K_META, seen) or '0') then return {0} end
 redis.call('HSET', K_META, seen, batch)
-for i = 5, #ARGV, 5 do
-  local kind, actor, keybin, vlen, head = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
-  -- A late STATE from a member that already left changes nothing (as in RoomState.apply).
-  if kind == 2 and redis.call('HEXISTS', K_MEM, actor) == 1 then
-    local value = string.sub(head, -vlen)
-    if value == '\192' then
-      redis.call('HDEL', snap_key(actor), keybin)
-    else
-      redis.call('HSET', snap_key(actor), keybin, value)
-    end
+local seats = {}
+local function seat(actor)
+  local s = seats[actor]
+  if not s then
+    s = seat_of(actor, node)
+    seats[actor] = s
   end
-  emit(kind, actor, keybin, vlen, head)
+  return s
+end
+for i = 6, #ARGV, 5 do
+  local kind, actor, keybin, vlen, head = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local s = seat(actor)
+  if s ~= 'moved' then
+    -- A late STATE from a member that already left changes nothing (as in RoomState.apply).
+    if kind == 2 and s == 'mine' then
+      local value = string.sub(head, -vlen)
+      if value == '\192' then
+        redis.call('HDEL', snap_key(actor), keybin)
+      else
+        redis.call('HSET', snap_key(actor), keybin, value)
+      end
+    end
+    emit(kind, actor, keybin, vlen, head)
+  end
+end
+if ARGV[5] ~= '' then
+  local seqs = cmsgpack.unpack(ARGV[5])
+  for i = 1, #seqs, 2 do
+    if seat(seqs[i]) == 'mine' then redis.call('HSET', K_SEQ, seqs[i], seqs[i + 1]) end
+  end
 end
 publish()
 return {1, OFFSET}
 """
 
+# A DIRECT. ARGV: history (unused), node, from actor (or '' for one kept for a
+# seat that moved, passed on), its seq, the message to publish ([0, to_actor,
+# wire]). Returns 1, or 0 when the sender's seat is no longer this node's.
+DIRECT = r"""
+if ARGV[3] ~= '' then
+  if seat_of(ARGV[3], ARGV[2]) ~= 'mine' then return 0 end
+  redis.call('HSET', K_SEQ, ARGV[3], ARGV[4])
+end
+redis.call(PUBLISH_COMMAND, CHANNEL, ARGV[5])
+return 1
+"""
+
 # Seat a player. ARGV: history, new epoch (if the room is new), node, join
-# number, player, msgpack [player, meta], msgpack(player) .. msgpack(meta), max players.
+# number, player, msgpack [player, meta], msgpack(player) .. msgpack(meta), max
+# players, the secret half of its resume token.
 # Returns {1, actor, epoch, offset, members (flat actor, blob), snapshot (flat actor,
 # flat key, value)}, or {-3} when the room is full.
 JOIN = r"""
 if not open_room() then
-  redis.call('DEL', K_MEM, K_PLY, K_NOD, K_LOG)
+  redis.call('DEL', K_MEM, K_PLY, K_NOD, K_LOG, K_TOK, K_SEQ, K_HLD)
   redis.call('HSET', K_META, 'e', ARGV[2], 'o', 0, 'a', 1)
   open_room()
 end
@@ -154,47 +220,84 @@ local actor = redis.call('HINCRBY', K_META, 'a', 1) - 1
 redis.call('HSET', K_MEM, actor, ARGV[6])
 redis.call('HSET', K_PLY, player, actor)
 redis.call('HSET', K_NOD, actor, ARGV[3] .. '/' .. ARGV[4])
+redis.call('HSET', K_TOK, actor, ARGV[9])
 emit(5, actor, '', 0, '\149\5' .. cmsgpack.pack(actor) .. ARGV[7])
 publish()
-local members = redis.call('HGETALL', K_MEM)
-local snapshot = {}
-for i = 1, #members, 2 do
-  local values = redis.call('HGETALL', snap_key(members[i]))
-  if #values > 0 then
-    snapshot[#snapshot + 1] = members[i]
-    snapshot[#snapshot + 1] = values
-  end
-end
+local members, snapshot = read_members_and_snapshot()
 return {1, actor, EPOCH, OFFSET, members, snapshot}
 """
 
-# Remove one member. ARGV: history, epoch, actor, close code. Returns {1} or {0}.
+# Take a seat over for a resume on this node: wherever it was served, or held,
+# it is this node's from now on. ARGV: history, node, join number, actor, token
+# secret, player. The node that served it hears [1, actor, node] on the room's
+# channel and lets it go without a LEAVE. Returns {1, epoch, offset, members,
+# snapshot, last seq or nil}, or {0} when there is no such seat (or the secret or
+# the player does not match).
+TAKEOVER = r"""
+if not open_room() then return {0} end
+local actor = ARGV[4]
+local secret = redis.call('HGET', K_TOK, actor)
+local blob = redis.call('HGET', K_MEM, actor)
+if not secret or secret ~= ARGV[5] or not blob or cmsgpack.unpack(blob)[1] ~= ARGV[6] then return {0} end
+redis.call('HSET', K_NOD, actor, ARGV[2] .. '/' .. ARGV[3])
+redis.call('HDEL', K_HLD, actor)
+redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({1, tonumber(actor), ARGV[2]}))
+local members, snapshot = read_members_and_snapshot()
+return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor)}
+"""
+
+# Remove one member, if this node still serves it. ARGV: history, epoch, actor,
+# close code, node. Returns {1} or {0}.
 LEAVE = r"""
 if not open_room() or EPOCH ~= ARGV[2] then return {0} end
-local removed = remove_member(tonumber(ARGV[3]), tonumber(ARGV[4]))
+local removed = seat_of(ARGV[3], ARGV[5]) == 'mine' and remove_member(tonumber(ARGV[3]), tonumber(ARGV[4]))
 publish()
 drop_if_empty()
 return {removed and 1 or 0}
 """
 
-# Remove every member seated by a node, or by one join of it (a join whose reply
-# was lost). ARGV: history, '<node>/' (a prefix) or '<node>/<join number>' (exact),
-# close code. Returns {number removed}.
-REMOVE_SEATED_BY = r"""
-if not open_room() then return {0} end
-local who, code, exact = ARGV[2], tonumber(ARGV[3]), string.sub(ARGV[2], -1) ~= '/'
+# The seats served by a node that is gone, or by one join of it (a join whose
+# reply was lost). ARGV: history, '<node>/' (a prefix) or '<node>/<join number>'
+# (exact), close code, hold (ms). With hold 0 they are removed (LEAVE with the
+# close code). Else each is held until hold ms from the first call that finds
+# it, for its player to resume on another node, and removed by the first call
+# after that (LEAVE with the close code of the first call). Returns {removed,
+# still held}.
+RELEASE_SEATED_BY = r"""
+if not open_room() then return {0, 0} end
+local who, code, hold, exact = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), string.sub(ARGV[2], -1) ~= '/'
+local now = 0
+if hold > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local seats = redis.call('HGETALL', K_NOD)
-local removed = 0
+local removed, held = 0, 0
 for i = 1, #seats, 2 do
   local seated = seats[i + 1]
   if (exact and seated == who) or (not exact and string.sub(seated, 1, #who) == who) then
-    remove_member(tonumber(seats[i]), code)
-    removed = removed + 1
+    local actor = tonumber(seats[i])
+    local holding = hold > 0 and redis.call('HGET', K_HLD, actor)
+    if hold <= 0 then
+      remove_member(actor, code)
+      removed = removed + 1
+    elseif not holding then
+      redis.call('HSET', K_HLD, actor, string.format('%d/%d', now + hold, code))
+      held = held + 1
+    else
+      local deadline, why = string.match(holding, '^(%d+)/(%d+)$')
+      if tonumber(deadline) <= now then
+        remove_member(actor, tonumber(why))
+        removed = removed + 1
+      else
+        held = held + 1
+      end
+    end
   end
 end
 publish()
 drop_if_empty()
-return {removed}
+return {removed, held}
 """
 
 # Read the room. ARGV: history (unused), offset after which to return the
@@ -203,15 +306,7 @@ return {removed}
 # past the given one, oldest first.
 READ = r"""
 if not open_room() then return {} end
-local members = redis.call('HGETALL', K_MEM)
-local snapshot = {}
-for i = 1, #members, 2 do
-  local values = redis.call('HGETALL', snap_key(members[i]))
-  if #values > 0 then
-    snapshot[#snapshot + 1] = members[i]
-    snapshot[#snapshot + 1] = values
-  end
-end
+local members, snapshot = read_members_and_snapshot()
 local batches = {}
 local after = tonumber(ARGV[2])
 if after >= 0 and after < OFFSET then

@@ -1710,7 +1710,9 @@ var RelayClient = class {
   /** @param {ConnectOptions} options */
   constructor(options) {
     this.options = { reconnect: true, backoffMs: 250, maxBackoffMs: 8e3, ...options };
-    this.url = socketUrl(this.options);
+    const bases = this.options.urls?.length ? this.options.urls : [this.options.url];
+    this.urls = bases.map((url) => socketUrl({ ...this.options, url }));
+    this._at = 0;
     this.status = "connecting";
     this.view = new RoomView();
     this.droppedTotal = 0;
@@ -1735,6 +1737,10 @@ var RelayClient = class {
     this.ready.catch(() => {
     });
     this._open();
+  }
+  /** The room's socket URL on the node in use. */
+  get url() {
+    return this.urls[this._at];
   }
   /** This player's actor in the room (it may change after a reconnect). */
   get actor() {
@@ -2004,6 +2010,8 @@ var RelayClient = class {
     if (!willReconnect) return this._finish(code, reason);
     if (this.status === "open")
       this._resumeFrom = RESUMABLE_CLOSE_CODES.has(code) ? this._resumePoint() : null;
+    if (code === 1001 || this.status === "reconnecting")
+      this._at = (this._at + 1) % this.urls.length;
     this.status = "reconnecting";
     this._emit("close", { code, reason, willReconnect });
     const delayMs = this._backoff();

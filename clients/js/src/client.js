@@ -38,6 +38,8 @@ export const RESEND_BUFFER = 1024;
  * @typedef {object} ConnectOptions
  * @property {string} room  1-64 characters from A-Z a-z 0-9 _ . : -
  * @property {string} [url]  the relay's base URL, http(s) or ws(s); default: the page's origin
+ * @property {string[]} [urls]  instead of `url`, every relay node that shares the room
+ *   (Redis): a reconnect moves on to the next when a node goes away (1001) or fails
  * @property {string} [player]  player id (servers without a token secret only)
  * @property {string} [name]  display name, carried in the member's meta
  * @property {string} [token]  signed token naming the player
@@ -117,7 +119,10 @@ export class RelayClient {
   /** @param {ConnectOptions} options */
   constructor(options) {
     this.options = { reconnect: true, backoffMs: 250, maxBackoffMs: 8000, ...options };
-    this.url = socketUrl(this.options);
+    const bases = this.options.urls?.length ? this.options.urls : [this.options.url];
+    /** The room's socket URL on each node; a resume token works on any of them. */
+    this.urls = bases.map((url) => socketUrl({ ...this.options, url }));
+    this._at = 0; // the node of the current (or next) connection
     /** @type {'connecting'|'open'|'reconnecting'|'closed'} */
     this.status = 'connecting';
     this.view = new RoomView();
@@ -153,6 +158,11 @@ export class RelayClient {
     });
     this.ready.catch(() => {}); // connect() surfaces it; an unawaited client must not warn
     this._open();
+  }
+
+  /** The room's socket URL on the node in use. */
+  get url() {
+    return this.urls[this._at];
   }
 
   /** This player's actor in the room (it may change after a reconnect). */
@@ -464,6 +474,9 @@ export class RelayClient {
     // its WELCOME keeps asking for what the break left.
     if (this.status === 'open')
       this._resumeFrom = codec.RESUMABLE_CLOSE_CODES.has(code) ? this._resumePoint() : null;
+    // A node going away, or one that failed the retry: the next node may serve the seat.
+    if (code === 1001 || this.status === 'reconnecting')
+      this._at = (this._at + 1) % this.urls.length;
     this.status = 'reconnecting';
     this._emit('close', { code, reason, willReconnect });
     const delayMs = this._backoff();

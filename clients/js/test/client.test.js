@@ -323,6 +323,24 @@ for (const code of [1001, 1006, 1011, 1012, 1013, 4008]) {
   });
 }
 
+test('with several nodes, a node going away (1001) or failing sends the resume to the next', async () => {
+  const urls = ['http://a.test:8000', 'http://b.test:8000'];
+  const client = await joined({ urls });
+  assert.equal(new URL(FakeSocket.last().url).host, 'a.test:8000');
+  const toB = await breakLink(client, 1001);
+  assert.equal(new URL(toB.url).host, 'b.test:8000');
+  assert.equal(query(toB).resume, 'resume-x');
+  toB.drop(1006); // b cannot be reached either: back to a
+  await until(() => new URL(FakeSocket.last().url).host === 'a.test:8000', 1000, 'a retry on a');
+  assert.equal(query(FakeSocket.last()).resume, 'resume-x');
+});
+
+test('a broken link (1006) tries the same node first', async () => {
+  const client = await joined({ urls: ['http://a.test:8000', 'http://b.test:8000'] });
+  const socket = await breakLink(client, 1006);
+  assert.equal(new URL(socket.url).host, 'a.test:8000');
+});
+
 test('a close that gives the seat up (4029) reconnects as a fresh join', async () => {
   const client = await joined({ player: 'me' });
   const socket = await breakLink(client, 4029);

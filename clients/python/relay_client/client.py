@@ -20,7 +20,7 @@ import asyncio
 import collections
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -30,9 +30,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from relay_client.messages import (
-    Direct,
     Dropped,
-    Error,
     Event,
     Join,
     Leave,
@@ -69,7 +67,7 @@ class Client:
         welcome: Welcome,
         *,
         max_queue: int,
-        address: str = "",
+        address: str | list[str] = "",
         query: dict[str, str] | None = None,
         auto_resume: bool = True,
         resume_for_s: float = 10.0,
@@ -79,7 +77,9 @@ class Client:
         self.auto_resume = auto_resume
         self.resume_for_s = resume_for_s
         self.resume_token = welcome.resume_token
-        self._address = address
+        # The room's address on every relay node given; a resume tries them in turn.
+        self._addresses = [address] if isinstance(address, str) else list(address)
+        self._at = 0  # the node of the current connection
         self._query = {k: v for k, v in (query or {}).items() if k not in ("resume", "offset", "epoch")}
         self._open_timeout = open_timeout
         self._closing = False
@@ -194,7 +194,7 @@ class Client:
                 code = rcvd.code if rcvd is not None else 1006
                 if self._closing or not self.auto_resume or code not in RESUMABLE:
                     break
-                if not await self._resume():
+                if not await self._resume(code):
                     break
         finally:
             rcvd = self.ws.protocol.close_rcvd
@@ -226,20 +226,28 @@ class Client:
         except websockets.ConnectionClosed:
             pass
 
-    async def _resume(self) -> bool:
-        """Reconnect with backoff and take the seat back; False when that is not possible."""
+    async def _resume(self, code: int) -> bool:
+        """Reconnect with backoff and take the seat back; False when that is not possible.
+
+        With several nodes, a node that is going away (1001) or cannot be reached
+        is left for the next one: the resume token works on any node.
+        """
         me = self.members.get(self.actor)
         query = dict(self._query, resume=self.resume_token, offset=str(self.offset), epoch=self.epoch)
         if me is not None:
             query["player"] = me.player
         delay = 0.05
         deadline = asyncio.get_running_loop().time() + self.resume_for_s
+        if code == 1001:
+            self._at = (self._at + 1) % len(self._addresses)
         while asyncio.get_running_loop().time() < deadline and not self._closing:
             try:
-                ws, welcome, rest = await _open(self._address, query, self._open_timeout)
+                ws, welcome, rest = await _open(self._addresses[self._at], query, self._open_timeout)
             except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, RelayClosed):
-                await asyncio.sleep(delay)  # backoff between reconnection attempts
-                delay = min(delay * 2, 2.0)
+                self._at = (self._at + 1) % len(self._addresses)
+                if self._at == 0 or len(self._addresses) == 1:
+                    await asyncio.sleep(delay)  # backoff between rounds of reconnection attempts
+                    delay = min(delay * 2, 2.0)
                 continue
             if self._closing:  # close() was called while we were reconnecting
                 await ws.close()
@@ -297,29 +305,14 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(
-    url: str,
-    room: str,
-    *,
-    player: str | None = None,
-    name: str | None = None,
-    token: str | None = None,
-    echo: bool = False,
-    max_queue: int = 10000,
-    open_timeout: float = 10.0,
-    auto_resume: bool = True,
-    resume_for_s: float = 10.0,
-    **params: str,
-) -> AsyncIterator[Client]:
-    """Join ``room`` on the relay at ``url`` (``ws://host:port``); yields once WELCOME is in.
+async def connect(url: str | Sequence[str], room: str, **options: Any) -> AsyncIterator[Client]:
+    """Join ``room`` on the relay at ``url`` (``ws://host:port``, or a list of nodes); yields
+    once WELCOME is in.
 
+    Takes the options of :func:`open_client`, and closes the client on the way out.
     Raises :class:`RelayClosed` when the server refuses the connection with a close code.
     """
-    client = await open_client(
-        url, room, player=player, name=name, token=token, echo=echo,
-        max_queue=max_queue, open_timeout=open_timeout,
-        auto_resume=auto_resume, resume_for_s=resume_for_s, **params,
-    )
+    client = await open_client(url, room, **options)
     try:
         yield client
     finally:
@@ -327,7 +320,7 @@ async def connect(
 
 
 async def open_client(
-    url: str,
+    url: str | Sequence[str],
     room: str,
     *,
     player: str | None = None,
@@ -340,7 +333,11 @@ async def open_client(
     resume_for_s: float = 10.0,
     **params: str,
 ) -> Client:
-    """Like :func:`connect` without the context manager; close the client yourself."""
+    """Like :func:`connect` without the context manager; close the client yourself.
+
+    ``url`` may be a list of relay nodes sharing rooms (through Redis): the first
+    that answers is used, and a resume goes on to the next when a node goes away.
+    """
     query: dict[str, str] = dict(params)
     if player is not None:
         query["player"] = player
@@ -350,10 +347,20 @@ async def open_client(
         query["token"] = token
     if echo:
         query["echo"] = "1"
-    address = f"{url.rstrip('/')}/ws/{quote(room, safe='')}"
-    ws, welcome, rest = await _open(address, query, open_timeout)
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("no relay url given")
+    addresses = [f"{u.rstrip('/')}/ws/{quote(room, safe='')}" for u in urls]
+    for at, address in enumerate(addresses):
+        try:
+            ws, welcome, rest = await _open(address, query, open_timeout)
+            break
+        except OSError:
+            if at == len(addresses) - 1:
+                raise
+    addresses = addresses[at:] + addresses[:at]  # the one that answered first
     client = Client(
-        ws, welcome, max_queue=max_queue, address=address, query=query,
+        ws, welcome, max_queue=max_queue, address=addresses, query=query,
         auto_resume=auto_resume, resume_for_s=resume_for_s, open_timeout=open_timeout,
     )
     for message in rest:  # anything batched with WELCOME comes next, in order
@@ -391,7 +398,4 @@ async def _open(
     return ws, welcome, messages[1:]
 
 
-__all__ = [
-    "Client", "RelayClosed", "connect", "open_client",
-    "Welcome", "Event", "State", "Direct", "Join", "Leave", "Error", "Dropped", "Pong", "Member",
-]
+__all__ = ["Client", "RelayClosed", "connect", "open_client"]

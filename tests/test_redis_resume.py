@@ -1,0 +1,219 @@
+"""Resume on another node: two relays sharing a real Redis, seats moving between them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
+
+from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
+from tests.relayproc import timeout
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
+
+TTL = 2.0  # node_ttl_s in these tests
+BUSY = {"max_msgs_per_s": 5000, "burst": 5000}  # busy rooms: players faster than the default rate limit
+
+
+def events(messages, actor=None):
+    return [m.data for m in messages if isinstance(m, Event) and (actor is None or m.actor == actor)]
+
+
+def room_order(messages):
+    return [(type(m).__name__, m.actor, m.offset) for m in messages if isinstance(m, (Event, Join, Leave))]
+
+
+async def drain(client) -> list:
+    """Everything a client had received before its connection ended."""
+    got = []
+    try:
+        while True:
+            got.append(await client.recv(timeout=timeout(5)))
+    except RelayClosed:
+        return got
+
+
+async def held_on(relay, count: int, seconds: float = 5) -> None:
+    """Wait until the relay holds ``count`` seats for a resume (it noticed the broken links)."""
+    async with asyncio.timeout(timeout(seconds)):
+        while f"relay_seats_held {count:.1f}" not in relay.get_text("/metrics"):
+            await asyncio.sleep(0.02)  # polling another process's state
+
+
+async def exited(relay, seconds: float = 15) -> None:
+    async with asyncio.timeout(timeout(seconds)):
+        while relay.proc.poll() is None:
+            await asyncio.sleep(0.05)  # polling another process's exit
+
+
+async def test_an_aborted_connection_resumes_on_the_other_node_exactly(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, **BUSY)
+    async with connect(a.url, room, player="sender") as sender, connect(b.url, room, player="watch") as watch:
+        flaky = await open_client(a.url, room, player="flaky", auto_resume=False)
+        actor, token = flaky.actor, flaky.resume_token
+        total = 300
+        seen_by_watch = []
+        for i in range(total):
+            sender.send_event(i)
+            if i == 100:
+                seen_by_watch += await collect(watch, lambda ms: 90 in events(ms))
+                flaky.ws.transport.abort()  # the network drops in a busy room: no close frame
+                before = await drain(flaky)
+                await held_on(a, 1)
+                watch.send_direct(actor, "while you were away")  # kept for the held seat
+            if i == 200:  # it comes back, through the other node
+                again = await open_client(
+                    b.url, room, player="flaky", resume=token, offset=str(flaky.offset), epoch=flaky.epoch
+                )
+            if i % 10 == 0:
+                await asyncio.sleep(0.005)
+        try:
+            after = await collect(again, lambda ms: total - 1 in events(ms), seconds=10)
+            seen_by_watch += await collect(watch, lambda ms: total - 1 in events(ms), seconds=10)
+        finally:
+            await again.close()
+    assert again.actor == actor and again.welcome.offset == flaky.offset  # same seat, an exact replay
+    assert not [m for m in after if isinstance(m, Resynced)]
+    assert events(before) + events(after, sender.actor) == list(range(total))  # no gap, nothing twice
+    assert [m.data for m in after if isinstance(m, Direct)] == ["while you were away"]
+    mine = room_order(before + after)  # the same room order as a member that never left
+    assert mine == [o for o in room_order(seen_by_watch) if mine[0][2] <= o[2] <= mine[-1][2]]
+    comings_and_goings = [type(m) for m in seen_by_watch if isinstance(m, (Join, Leave)) and m.actor == actor]
+    assert comings_and_goings == [Join]  # its first join only: the others never saw it go
+
+
+async def test_the_old_connection_is_replaced_when_its_seat_resumes_elsewhere(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    async with connect(a.url, room, player="watch", echo=True) as watch:
+        old = await open_client(a.url, room, player="p", auto_resume=False)
+        query = f"?player=p&resume={old.resume_token}&offset={old.offset}&epoch={old.epoch}"
+        new = await raw_connect(b.url, room, query)  # the old link is half-dead; a new one comes
+        try:
+            [welcome, *_] = await raw_messages(new)
+            assert welcome[2] == old.actor
+            assert (await closed(old)).code == 4409
+            watch.send_event("still here")
+            seen = await collect(watch, lambda ms: "still here" in events(ms))
+            assert [type(m) for m in seen if isinstance(m, (Join, Leave))] == [Join]  # its first join only
+        finally:
+            await new.close()
+        leave = await next_of(watch, Leave)  # the new node owns the seat: its close is the LEAVE
+        assert (leave.actor, leave.code) == (old.actor, 1000)
+
+
+async def test_a_token_is_bound_to_its_player_on_every_node(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    async with connect(a.url, room, player="p") as p:
+        async with connect(b.url, room, player="thief", resume=p.resume_token) as thief:
+            assert thief.actor != p.actor
+        forged = p.resume_token.split(".")[0] + ".not-the-secret"
+        async with connect(b.url, room, player="p2", resume=forged) as other:
+            assert other.actor != p.actor
+        p.send_event("mine still")
+        await p.ping()
+
+
+async def test_a_history_too_short_gives_a_fresh_snapshot_on_the_other_node(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, history_size=5, **BUSY)
+    async with connect(a.url, room, player="sender") as sender:
+        flaky = await open_client(a.url, room, player="flaky", auto_resume=False)
+        actor, token, offset, epoch = flaky.actor, flaky.resume_token, flaky.offset, flaky.epoch
+        flaky.ws.transport.abort()
+        await flaky.close()
+        for i in range(300):  # Redis trims the history in whole stream nodes of 100
+            sender.send_state("n", i)
+            if i % 50 == 0:
+                await sender.ping()
+        await sender.ping()
+        ws = await raw_connect(b.url, room, f"?player=flaky&resume={token}&offset={offset}&epoch={epoch}")
+        try:
+            [welcome, *_] = await raw_messages(ws)
+            assert welcome[2] == actor  # same seat
+            assert welcome[8] > offset  # a fresh snapshot at the current offset, not a replay
+            assert welcome[5][sender.actor] == {"n": 299}
+        finally:
+            await ws.close()
+
+
+async def test_a_killed_nodes_players_resume_on_the_other_node_and_resend_once(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, **BUSY)
+    async with connect(b.url, room, player="watch") as watch:
+        mover = await open_client([a.url, b.url], room, player="mover")
+        try:
+            actor = mover.actor
+            total = 200
+            got = []
+            for i in range(total):
+                mover.send_event(i)
+                if i == 100:
+                    got += await collect(watch, lambda ms: 50 in events(ms))
+                    a.proc.send_signal(signal.SIGKILL)  # moves in flight on the node are lost with it
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+            got += await collect(watch, lambda ms: total - 1 in events(ms), seconds=10)
+            await mover.ping()
+            await watch.ping()
+            while not watch._queue.empty():
+                got.append(watch._queue.get_nowait())
+            assert mover.actor == actor
+            assert events(got, actor) == list(range(total))  # re-sent after last_seq: each exactly once
+            assert [type(m) for m in got if isinstance(m, (Join, Leave))] == [Join]  # its first join only
+        finally:
+            await mover.close()
+
+
+async def test_a_killed_nodes_players_leave_after_node_ttl_and_the_window(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, resume_window_s=1)
+    async with connect(a.url, room, player="stays") as stays:
+        doomed = await open_client(b.url, room, player="doomed", auto_resume=False)
+        doomed.send_state("pos", [1, 2])
+        await collect(stays, lambda ms: doomed.actor in stays.snapshot)
+        killed = time.monotonic()
+        b.proc.send_signal(signal.SIGKILL)
+        leave = await next_of(stays, Leave, seconds=TTL + 1 + 5)
+        assert (leave.actor, leave.code) == (doomed.actor, 1006)
+        assert time.monotonic() - killed >= 1  # held for the window first
+        assert doomed.actor not in stays.snapshot and doomed.actor not in stays.members
+        detail = a.get_json(f"/rooms/{room}")
+        assert [m["player"] for m in detail["members"]] == ["stays"] and detail["snapshot_keys"] == 0
+        await doomed.close()
+
+
+async def test_a_node_shutting_down_hands_its_players_to_the_other_node(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    async with connect(b.url, room, player="watch") as watch:
+        players = [await open_client([a.url, b.url], room, player=f"p{i}") for i in range(3)]
+        try:
+            actors = [p.actor for p in players]
+            for i, p in enumerate(players):
+                p.send_state("pos", i)
+                p.send_event(f"before {i}")
+            await collect(watch, lambda ms: len(events(ms)) == 3)
+            a.proc.send_signal(signal.SIGTERM)  # graceful: 1001, and the seats stay held
+            for p in players:
+                await next_of(p, Resumed, seconds=10)
+            await exited(a)
+            assert [p.actor for p in players] == actors
+            for i, p in enumerate(players):
+                p.send_event(f"after {i}")
+            got = await collect(watch, lambda ms: len(events(ms)) == 3, seconds=10)
+            assert sorted(events(got)) == ["after 0", "after 1", "after 2"]
+            assert not [m for m in got if isinstance(m, (Join, Leave))]
+            assert all(watch.snapshot.get(a_) == {"pos": i} for i, a_ in enumerate(actors))
+        finally:
+            for p in players:
+                await p.close()
+
+
+async def test_seats_handed_off_by_a_stopped_node_leave_with_1001_if_nobody_resumes(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, resume_window_s=1)
+    async with connect(b.url, room, player="watch") as watch:
+        gone = await open_client(a.url, room, player="gone", auto_resume=False)
+        await collect(watch, lambda ms: gone.actor in watch.members)
+        a.proc.send_signal(signal.SIGTERM)
+        assert (await closed(gone, seconds=10)).code == 1001
+        leave = await next_of(watch, Leave, seconds=TTL + 1 + 5)
+        assert (leave.actor, leave.code) == (gone.actor, 1001)
