@@ -70,6 +70,9 @@ class Settings:
     )
     history_size: int = _setting(1000, "room messages kept per room for resume (0: none)")
     max_held_directs: int = _setting(100, "DIRECTs kept for a held seat until it resumes")
+    max_replay_bytes: int = _setting(
+        4194304, "missed messages a resume replays, paced by the client's socket; more: a fresh snapshot"
+    )
     log_level: str = _setting("info", "log level: debug, info, warning, error")
 
     def __post_init__(self) -> None:

@@ -149,7 +149,7 @@ class Node:
                 seat.actor = resume.actor  # DIRECTs passed on from its old node may come before WELCOME
                 joined = await self.backplane.takeover(room.name, resume.actor, resume.secret, seat.player)
                 if joined is not None and resume.offset is not None and resume.epoch is not None:
-                    missed = await self.backplane.history(room.name, resume.offset, resume.epoch)
+                    missed = self._replayable(await self.backplane.history(room.name, resume.offset, resume.epoch))
         except BaseException:
             room.joining.remove(seat)
             await self._forget_if_empty(room)
@@ -187,11 +187,17 @@ class Node:
         seat.wake()
         return joined
 
+    def _replayable(self, missed: list[Entry] | None) -> list[Entry] | None:
+        """The missed messages, or None (a fresh snapshot) when they pass ``max_replay_bytes``."""
+        if missed is not None and sum(len(e.wire) for e in missed) > self.settings.max_replay_bytes:
+            return None
+        return missed
+
     def _replay(self, seat: Seat, entries: list[Entry], now: float) -> None:
-        """Queue room messages a resuming seat missed (not its own, unless it echoes)."""
+        """Queue room messages a resuming seat missed (not its own, unless it echoes): sent
+        as fast as its socket takes them, whatever the outbox limits (see Outbox.catch_up)."""
         mine = [e for e in entries if seat.echo or e.actor != seat.actor]
-        if mine:
-            self._push(seat, Batch(b"".join(e.wire for e in mine), mine), now)
+        seat.outbox.catch_up(mine, self.settings.max_replay_bytes)
 
     async def leave(self, seat: Seat, close_code: int) -> None:
         """Take a seat out of its room; the room gets LEAVE. Safe to call twice."""
@@ -261,14 +267,15 @@ class Node:
         assert state is not None
         missed = None
         if offset is not None and epoch is not None:
-            missed = await self.backplane.history(room.name, offset, epoch)
+            missed = self._replayable(await self.backplane.history(room.name, offset, epoch))
         old.outbox, old.wake, old.close, old.echo = seat.outbox, seat.wake, seat.close, seat.echo
         old.owner, old.send_framed = seat.owner, seat.send_framed
         old.after_offset = state.offset
         now = time.monotonic()
         welcome_offset = offset if missed is not None and offset is not None else state.offset
         joined = Joined(
-            member=state.members[old.actor],
+            # With Redis the mirror can lag behind the seat (its JOIN still on the way).
+            member=state.members.get(old.actor) or Member(old.actor, old.player, old.meta),
             members=state.member_list(),
             snapshot={actor: dict(values) for actor, values in state.snapshot.items()},
             offset=welcome_offset,

@@ -16,6 +16,13 @@ The policy at each limit, stated once (see also docs/backpressure.md):
   the client with 4008.
 
 So the memory a client pins here is at most ``hard_bytes`` plus one message.
+
+A resume's replay (:meth:`Outbox.catch_up`) is the exception: what the client
+missed can be far more than ``hard_bytes``, and coalescing or dropping it would
+defeat the replay. It waits in a separate backlog, bounded by its own limit,
+and moves into the buffer only as the socket drains it (below ``soft_bytes``).
+Room messages that arrive meanwhile queue behind it, in order; if the backlog
+passes its limit, the client cannot catch up and ``must_close`` is set.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class Outbox:
     __slots__ = (
         "soft_bytes", "hard_bytes", "max_frame_bytes", "size", "dropped_total",
         "coalesced_total", "congested_since", "must_close", "_items", "_dropped_unreported",
-        "_coalesce_above",
+        "_coalesce_above", "_backlog", "backlog_size", "_backlog_limit",
     )
 
     def __init__(self, *, soft_bytes: int, hard_bytes: int, max_frame_bytes: int) -> None:
@@ -58,11 +65,42 @@ class Outbox:
         self._items: deque[Batch] = _EMPTY  # a deque only while something is queued
         self._dropped_unreported = 0
         self._coalesce_above = soft_bytes
+        self._backlog: deque[Batch] = _EMPTY  # a resume's replay still to send, then what followed it
+        self.backlog_size = 0
+        self._backlog_limit = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._backlog)
+
+    def catch_up(self, entries: list[Entry], limit: int) -> None:
+        """Queue a resume's replay after what is queued, sent as fast as the socket drains.
+
+        Until it is all out, room messages pushed go behind it; ``limit`` bounds the
+        bytes waiting so (past it, ``must_close``).
+        """
+        backlog: deque[Batch] = deque()
+        chunk: list[Entry] = []
+        size = 0
+        for entry in entries:  # frames of up to max_frame_bytes
+            if chunk and size + len(entry.wire) > self.max_frame_bytes:
+                backlog.append(Batch(b"".join(e.wire for e in chunk), chunk))
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += len(entry.wire)
+        if chunk:
+            backlog.append(Batch(b"".join(e.wire for e in chunk), chunk))
+        if backlog:
+            self._backlog = backlog
+            self.backlog_size = sum(len(b.wire) for b in backlog)
+            self._backlog_limit = limit
 
     def push(self, batch: Batch, now: float) -> None:
+        if self._backlog and batch.entries is not None:  # still catching up: in order, behind it
+            self._backlog.append(batch)
+            self.backlog_size += len(batch.wire)
+            if self.backlog_size > self._backlog_limit:
+                self.must_close = True
+            return
         if self._items is _EMPTY:
             self._items = deque()
         self._items.append(batch)
@@ -78,6 +116,8 @@ class Outbox:
 
     def take(self) -> bytes | None:
         """Everything pending (up to ``max_frame_bytes``) as one frame, or None."""
+        if self._backlog and self.size < self.soft_bytes:
+            self._refill()
         items = self._items
         if not items and not self._dropped_unreported:
             return None
@@ -117,6 +157,19 @@ class Outbox:
         if self.size <= self.soft_bytes:
             self._drained()
         return b"".join(parts)
+
+    def _refill(self) -> None:
+        """Move the backlog's next frames into the buffer, up to ``soft_bytes``."""
+        backlog = self._backlog
+        if self._items is _EMPTY:
+            self._items = deque()
+        while backlog and (self.size == 0 or self.size + len(backlog[0].wire) <= self.soft_bytes):
+            batch = backlog.popleft()
+            self._items.append(batch)
+            self.size += len(batch.wire)
+            self.backlog_size -= len(batch.wire)
+        if not backlog:
+            self._backlog = _EMPTY
 
     def _drained(self) -> None:
         self.congested_since = None

@@ -118,3 +118,10 @@ async def test_last_seq_reports_what_the_server_has(relay, room):
             assert welcome[11] == 5
         finally:
             await ws.close()
+
+
+async def test_a_slow_reader_closed_with_4008_catches_up_from_history(relay_with, room):
+    from tests.test_redis_resume import SLOW_READER, slow_reader_catches_up
+
+    server = relay_with(**SLOW_READER)
+    await slow_reader_catches_up(server, server, room)

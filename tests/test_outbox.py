@@ -512,3 +512,46 @@ def test_what_a_client_gets_is_explained_by_the_policy(
             assert any(other[0] == "state" and other[2:] == item[2:] for other in later)
         else:
             assert item[0] in ("event", "direct")
+
+
+# --- a resume's replay -------------------------------------------------------------
+
+
+def offsets(frames: list[bytes]) -> list[int]:
+    return [m[-1] for frame in frames for m in unpack_all(frame) if m[0] in (1, 2, 5, 6)]
+
+
+def test_a_replay_far_past_the_hard_limit_goes_out_whole_in_order_frame_by_frame() -> None:
+    room = Room()
+    missed = [room.event(data="x" * 200) if i % 2 else room.state(1, "pos", i) for i in range(200)]
+    box = outbox(soft=1000, hard=4000, frame=2000)
+    box.push_control(protocol.pong(packb(1), 2), 0.0)  # WELCOME would be here: it goes first
+    box.catch_up(missed, limit=1_000_000)
+    box.push(batch(room.event(data="live")), 0.0)  # arrives while catching up: behind the replay
+    sizes = []
+    frames = []
+    while (frame := box.take()) is not None:
+        frames.append(frame)
+        sizes.append(box.size)
+    assert unpack_all(frames[0])[0][0] == MsgType.PONG
+    assert offsets(frames) == list(range(1, 202))  # nothing coalesced, nothing dropped
+    assert max(len(f) for f in frames) <= 2000 and max(sizes) <= 1000  # paced: a frame at a time
+    assert (box.dropped_total, box.coalesced_total, box.must_close, len(box), box.backlog_size) == (0, 0, False, 0, 0)
+
+
+def test_while_catching_up_nothing_jumps_the_queue() -> None:
+    room = Room()
+    box = outbox()
+    box.catch_up([room.event()], limit=1_000_000)
+    assert len(box)  # a sender must not write a live frame straight to the socket now
+    box.push(batch(room.event()), 0.0)
+    assert offsets(drain(box)) == [1, 2]
+
+
+def test_a_client_that_falls_further_behind_while_catching_up_must_be_closed() -> None:
+    room = Room()
+    box = outbox()
+    box.catch_up([room.event(data="x" * 100)], limit=2000)
+    for _ in range(30):  # nobody reads
+        box.push(batch(room.event(data="x" * 100)), 0.0)
+    assert box.must_close

@@ -10,6 +10,7 @@ import pytest
 from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
+from tests.test_e2e_backpressure import HARD, SOFT, drain_slow, run_room
 from tests.relayproc import timeout
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
@@ -217,3 +218,44 @@ async def test_seats_handed_off_by_a_stopped_node_leave_with_1001_if_nobody_resu
         assert (await closed(gone, seconds=10)).code == 1001
         leave = await next_of(watch, Leave, seconds=TTL + 1 + 5)
         assert (leave.actor, leave.code) == (gone.actor, 1001)
+
+
+SLOW_READER = {  # a reader that stalls soon and is closed fast; history enough for its replay
+    "outbox_soft_bytes": SOFT, "outbox_hard_bytes": HARD, "slow_client_timeout_s": 0.5, "history_size": 5000,
+    "max_replay_bytes": 50 * 2**20, "max_bytes_per_s": 10**8, "burst_bytes": 10**8, **BUSY,
+}
+
+
+async def slow_reader_catches_up(a, b, room: str) -> None:
+    """A reader stalls on node ``a`` until closed with 4008, then resumes on ``b``: it gets
+    every room message after the last one it had, exactly once, far past its outbox limits."""
+    fast, slow, _, _ = await run_room(a, room, 300)
+    try:
+        messages, code = await drain_slow(slow)
+        assert code == 4008
+        welcome = messages[0]
+        actor, epoch, token = welcome[2], welcome[9], welcome[10]
+        seen = [m[-1] for m in messages[1:] if m[0] in (1, 2, 5, 6)]
+        offset = max(seen, default=welcome[8])
+        last = (await asyncio.to_thread(a.get_json, f"/rooms/{room}"))["offset"]
+        assert last - offset > 100  # it had missed a lot
+        ws = await raw_connect(b.url, room, f"?player=slow&resume={token}&offset={offset}&epoch={epoch}")
+        try:
+            got = []
+            async with asyncio.timeout(timeout(20)):
+                while not got or got[-1][-1] != last:
+                    got += [m for m in await raw_messages(ws) if m[0] in (0, 1, 2, 5, 6, 8)]
+        finally:
+            await ws.close()
+        assert got[0][0] == 0 and got[0][2] == actor and got[0][8] == offset  # same seat, exact replay
+        assert [m[-1] for m in got[1:]] == list(range(offset + 1, last + 1))  # all it missed, once, no DROPPED
+    finally:
+        for p in fast:
+            await p.close()
+
+
+async def test_a_slow_reader_closed_with_4008_catches_up_from_history_on_the_other_node(
+    redis_server, redis_relays, room
+):
+    a, b = redis_relays(redis_server.url, 2, **SLOW_READER)
+    await slow_reader_catches_up(a, b, room)
