@@ -156,6 +156,7 @@ class Node:
             raise
         room.joining.remove(seat)
         if joined is None:
+            seat.actor, seat.held_directs = 0, None  # no such seat: the caller may join afresh
             await self._forget_if_empty(room)
             return None
         seat.actor = joined.member.actor
