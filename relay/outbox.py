@@ -1,6 +1,6 @@
 """One client's bounded outgoing buffer: batching, coalescing, dropping. No sockets.
 
-The policy at each limit, stated once (see also docs/backpressure.md):
+The policy at each limit, stated once (see also docs/design.md, Slow readers):
 
 * Below ``soft_bytes`` everything queued is kept and goes out in as few frames
   as the socket allows: :meth:`Outbox.take` returns all of it as one frame (up
