@@ -175,7 +175,9 @@ class Node:
             assert resume is not None and resume.offset is not None
             seat.outbox.push_control(self._welcome(seat, replace(joined, offset=resume.offset)), now)
             self._replay(seat, missed, now)
-            seen = max(seen, missed[-1].offset) if missed else seen
+            # What this node has delivered so far may end before the takeover's offset:
+            # the rest comes through deliver(), so the seat must take it from here.
+            seen = missed[-1].offset if missed else resume.offset
         else:
             seat.outbox.push_control(self._welcome(seat, joined), now)
         for entries in early:
@@ -357,6 +359,8 @@ class Node:
                 self._publish_scheduled = True
                 asyncio.get_running_loop().call_soon(self._publish_all)
         room.pending.append(entry)
+        if seq is not None:
+            seat.last_seq = seq  # taken: recorded with the batch that carries it (see _publish_room)
         return True
 
     def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:

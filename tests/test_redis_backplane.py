@@ -254,6 +254,10 @@ async def test_takeover_moves_a_seat_and_drops_the_old_nodes_late_moves(started)
     old.publish("r", [event_entry(actor, 2, protocol.pack("late"))], {actor: 8})  # in flight on the old node
     new.publish("r", [event_entry(actor, 2, protocol.pack("again"))], {actor: 8})  # re-sent on the new one
     await seen_new.until(lambda: seen_new.entries[-1].offset == 3)  # "late" would have been 3
+    old._rooms["r"].seated[actor] = joined.epoch  # as if the old node had missed the notice:
+    seen_old.moved.clear()
+    old.publish("r", [event_entry(actor, 3, protocol.pack("later"))], {actor: 9})
+    await seen_old.until(lambda: seen_old.moved == [actor])  # its refused moves tell it instead
     assert [e.value for e in seen_new.entries if e.kind is MsgType.EVENT] == [protocol.pack("one"), protocol.pack("again")]
     await old.leave("r", actor, 1000)  # the old node can no longer remove it either
     await new.leave("r", actor, 1000)

@@ -176,7 +176,7 @@ class RedisBackplane:
         hold_ms = int(self.settings.resume_window_s * 1000)
         for r in list(self._rooms.values()):
             if r.seated and hold_ms > 0:  # held in Redis, for their players to resume elsewhere
-                self._enqueue(r, _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms]))
+                self._enqueue(r, _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1]))
         while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain
@@ -417,6 +417,11 @@ class RedisBackplane:
             elif op.kind == "moves" and r.subscribed:
                 self._resync(r, "a batch could not be sequenced")  # never lose moves silently
             return True
+        if op.kind == "moves" and len(result) > 2:  # seats resumed elsewhere, notice missed
+            for actor in result[2:]:
+                if r.seated.pop(actor, None) is not None:
+                    assert self._receiver is not None
+                    self._receiver.seat_moved(r.name, actor)
         if op.kind == "moves" and result[0] < 0:
             self.stats.errors["stale_batch"] += 1
             if op.epoch and op.epoch == r.epoch and r.subscribed:
@@ -425,15 +430,17 @@ class RedisBackplane:
             if op.future is not None and not op.future.done():
                 op.future.set_result(result)
             elif result[0] == 1:  # the player gave up waiting: take its seat back out
-                actor, epoch = (result[1], result[2]) if op.kind == "join" else (op.args[2], result[1])
-                self._enqueue(r, _Op("leave", args=[epoch.decode(), actor, 1006, self.node_id]))
+                if op.kind == "join":
+                    self._enqueue(r, _Op("leave", args=[result[2].decode(), result[1], 1006, self.node_id]))
+                else:  # exactly this takeover's seat (a later one here may hold it now)
+                    self._enqueue(r, _Op("cancel", args=[f"{self.node_id}/{op.batch}", 1006, 0, 0]))
         return True
 
     def _join_lost(self, op: _Op, exc: BaseException) -> None:
         """A join whose reply was lost may have been applied: fail it, and undo it later."""
         if op.future is not None and not op.future.done():
             op.future.set_exception(Unavailable(f"the Redis backplane is unavailable: {exc}"))
-        op.kind, op.args, op.future = "cancel", [f"{self.node_id}/{op.batch}", 1011, 0], None
+        op.kind, op.args, op.future = "cancel", [f"{self.node_id}/{op.batch}", 1011, 0, 0], None
 
     def _requeue(self, sent: list[tuple[_Room, list[_Op]]], exc: BaseException | None = None) -> None:
         """Put operations back at the front of their rooms' queues, in order."""

@@ -78,7 +78,7 @@ class Nodes:
             if rooms:
                 pipe = self.link.pipeline()
                 for room in rooms:
-                    self.link.evalsha(pipe, release_script, room_meta_key(room), [history, node + "/", 1006, hold_ms])
+                    self.link.evalsha(pipe, release_script, room_meta_key(room), [history, node + "/", 1006, hold_ms, 0])
                 replies = await pipe.execute()
                 removed = sum(reply[0] for reply in replies)
                 held = sum(reply[1] for reply in replies)

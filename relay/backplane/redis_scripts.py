@@ -141,8 +141,8 @@ end
 # ([actor, seq, ...], or ''), then five per entry: kind, actor, msgpack(key) or '',
 # length of data, head. Moves of a seat that another node has taken over since
 # (a resume there) are not taken: its player re-sends them there, after last_seq.
-# Returns {1, offset}, {0} for a batch already applied (a retry), {-1} when the
-# room is gone, {-2} when it has another epoch.
+# Returns {1, offset, actors whose seats moved away...}, {0} for a batch already
+# applied (a retry), {-1} when the room is gone, {-2} when it has another epoch.
 SEQUENCE = r"""
 if not open_room() then return {-1} end
 if EPOCH ~= ARGV[2] then return {-2} end
@@ -151,12 +151,13 @@ local seen = 'n:' .. node
 local batch = tonumber(ARGV[4])
 if batch <= tonumber(redis.call('HGET', K_META, seen) or '0') then return {0} end
 redis.call('HSET', K_META, seen, batch)
-local seats = {}
+local seats, moved = {}, {}
 local function seat(actor)
   local s = seats[actor]
   if not s then
     s = seat_of(actor, node)
     seats[actor] = s
+    if s == 'moved' then moved[#moved + 1] = actor end
   end
   return s
 end
@@ -183,7 +184,7 @@ if ARGV[5] ~= '' then
   end
 end
 publish()
-return {1, OFFSET}
+return {1, OFFSET, unpack(moved)}
 """
 
 # A DIRECT. ARGV: history (unused), node, from actor (or '' for one kept for a
@@ -277,7 +278,8 @@ for i = 1, #seats, 2 do
   local seated = seats[i + 1]
   if (exact and seated == who) or (not exact and string.sub(seated, 1, #who) == who) then
     local actor = tonumber(seats[i])
-    local holding = hold > 0 and redis.call('HGET', K_HLD, actor)
+    -- A node handing its own seats over (ARGV[5] = 1) starts their window now.
+    local holding = hold > 0 and ARGV[5] ~= '1' and redis.call('HGET', K_HLD, actor)
     if hold <= 0 then
       remove_member(actor, code)
       removed = removed + 1

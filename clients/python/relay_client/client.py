@@ -355,9 +355,9 @@ async def open_client(
         try:
             ws, welcome, rest = await _open(address, query, open_timeout)
             break
-        except OSError:
+        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, RelayClosed):
             if at == len(addresses) - 1:
-                raise
+                raise  # every node refused: the last one's answer
     addresses = addresses[at:] + addresses[:at]  # the one that answered first
     client = Client(
         ws, welcome, max_queue=max_queue, address=addresses, query=query,
