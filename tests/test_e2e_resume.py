@@ -57,20 +57,28 @@ async def test_moves_resent_after_resume_are_applied_once(relay, room):
 
 async def test_resume_with_history_too_short_gives_a_fresh_snapshot_same_seat(relay_with, room):
     server = relay_with(history_size=5)
-    async with connect(server.url, room, player="sender") as sender:
-        flaky = await open_client(server.url, room, player="flaky", auto_resume=False)
+    await history_too_short_gives_a_fresh_snapshot(server, server, room, moves=20)
+
+
+async def history_too_short_gives_a_fresh_snapshot(first, second, room: str, moves: int) -> None:
+    """A seat broken on ``first`` resumes on ``second`` after ``moves`` STATEs, more than the
+    history holds: same actor, a fresh snapshot at the current offset."""
+    async with connect(first.url, room, player="sender") as sender:
+        flaky = await open_client(first.url, room, player="flaky", auto_resume=False)
         actor, token, offset, epoch = flaky.actor, flaky.resume_token, flaky.offset, flaky.epoch
         flaky.ws.transport.abort()
         await flaky.close()
-        for i in range(20):
+        for i in range(moves):
             sender.send_state("n", i)
+            if i % 50 == 0:
+                await sender.ping()  # paced under the rate limit
         await sender.ping()
-        ws = await raw_connect(server.url, room, f"?player=flaky&resume={token}&offset={offset}&epoch={epoch}")
+        ws = await raw_connect(second.url, room, f"?player=flaky&resume={token}&offset={offset}&epoch={epoch}")
         try:
-            [welcome, *rest] = await raw_messages(ws)
+            [welcome, *_] = await raw_messages(ws)
             assert welcome[2] == actor  # same seat
             assert welcome[8] > offset  # a fresh snapshot at the current offset, not a replay
-            assert welcome[5][sender.actor] == {"n": 19}
+            assert welcome[5][sender.actor] == {"n": moves - 1}
         finally:
             await ws.close()
 

@@ -10,6 +10,7 @@ import pytest
 from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
+from tests.test_e2e_resume import events, history_too_short_gives_a_fresh_snapshot
 from tests.test_e2e_backpressure import HARD, SOFT, drain_slow, run_room
 from tests.relayproc import timeout
 
@@ -17,10 +18,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
 TTL = 2.0  # node_ttl_s in these tests
 BUSY = {"max_msgs_per_s": 5000, "burst": 5000}  # busy rooms: players faster than the default rate limit
-
-
-def events(messages, actor=None):
-    return [m.data for m in messages if isinstance(m, Event) and (actor is None or m.actor == actor)]
 
 
 def room_order(messages):
@@ -119,24 +116,8 @@ async def test_a_token_is_bound_to_its_player_on_every_node(redis_server, redis_
 
 async def test_a_history_too_short_gives_a_fresh_snapshot_on_the_other_node(redis_server, redis_relays, room):
     a, b = redis_relays(redis_server.url, 2, history_size=5, **BUSY)
-    async with connect(a.url, room, player="sender") as sender:
-        flaky = await open_client(a.url, room, player="flaky", auto_resume=False)
-        actor, token, offset, epoch = flaky.actor, flaky.resume_token, flaky.offset, flaky.epoch
-        flaky.ws.transport.abort()
-        await flaky.close()
-        for i in range(300):  # Redis trims the history in whole stream nodes of 100
-            sender.send_state("n", i)
-            if i % 50 == 0:
-                await sender.ping()
-        await sender.ping()
-        ws = await raw_connect(b.url, room, f"?player=flaky&resume={token}&offset={offset}&epoch={epoch}")
-        try:
-            [welcome, *_] = await raw_messages(ws)
-            assert welcome[2] == actor  # same seat
-            assert welcome[8] > offset  # a fresh snapshot at the current offset, not a replay
-            assert welcome[5][sender.actor] == {"n": 299}
-        finally:
-            await ws.close()
+    # Redis trims the history in whole stream nodes of 100: 300 moves pass 5 for sure.
+    await history_too_short_gives_a_fresh_snapshot(a, b, room, moves=300)
 
 
 async def test_a_killed_nodes_players_resume_on_the_other_node_and_resend_once(redis_server, redis_relays, room):
