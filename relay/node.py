@@ -95,11 +95,15 @@ class Node:
         self._batch_per_member_s = settings.batch_us_per_member / 1e6
         self._max_batch_s = settings.max_batch_ms / 1000.0
         self._keeps_seqs = backplane.hands_off_seats
+        # The loop, once started: asyncio.get_running_loop() makes a getpid() system call
+        # on every call in Python 3.11, and the hot path would make one per move.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.rules = {
             room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
         }
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.backplane.start(self)
         interval = self.settings.flush_ms / 1000.0
         self._ticker = asyncio.create_task(self._tick(interval))
@@ -357,7 +361,7 @@ class Node:
             self._to_publish.append(room)
             if not self._publish_scheduled:
                 self._publish_scheduled = True
-                asyncio.get_running_loop().call_soon(self._publish_all)
+                (self._loop or asyncio.get_running_loop()).call_soon(self._publish_all)
         room.pending.append(entry)
         if seq is not None:
             seat.last_seq = seq  # taken: recorded with the batch that carries it (see _publish_room)
@@ -393,7 +397,7 @@ class Node:
         """
         self._publish_scheduled = False
         rooms, self._to_publish = self._to_publish, []
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         per_member, cap = self._batch_per_member_s, self._max_batch_s
         for room in rooms:
@@ -413,7 +417,7 @@ class Node:
     def _publish_room(self, room: LocalRoom) -> None:
         if room.pending:
             entries, room.pending = room.pending, []
-            room.last_publish = asyncio.get_running_loop().time()
+            room.last_publish = (self._loop or asyncio.get_running_loop()).time()
             seqs = None
             if self._keeps_seqs:  # for a takeover elsewhere: what the room has from each seat
                 seats = room.seats
@@ -583,7 +587,7 @@ class Node:
         else:
             # Everything this event-loop iteration queues for a seat goes out as one frame.
             if not self._to_flush:
-                asyncio.get_running_loop().call_soon(self._flush_seats)
+                (self._loop or asyncio.get_running_loop()).call_soon(self._flush_seats)
             self._to_flush.add(seat)
 
     def _flush_seats(self) -> None:

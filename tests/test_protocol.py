@@ -770,3 +770,27 @@ def test_relayed_event_reads_back(actor: int, seq: int, value: Any, offset: int)
     [event] = decode(packb([1, seq, value]), max_message_bytes=1 << 20)
     wire = protocol.with_offset(protocol.event_head(actor, event.seq, event.data), offset)
     assert unpack_one(wire) == [1, actor, seq, value, offset]
+
+
+# The lone-EVENT shortcut (a frame that is one [1, seq, data]) must answer exactly as
+# the general decoder does, refusals included: it hands every doubtful frame on to it.
+SEQ_LIKE = st.integers(-(2**63), 2**64 - 1) | SCALARS
+LONE_EVENT_LIKE = st.one_of(
+    st.builds(lambda seq, data: packb([1, seq, data]), st.integers(-(2**63), 2**64 - 1), VALUES),
+    st.builds(lambda seq, data: packb([1, seq, data]), SEQ_LIKE, WIRE_VALUES),
+    st.builds(lambda seq, rest: b"\x93\x01" + packb(seq) + rest, SEQ_LIKE, st.binary(max_size=24)),
+    st.builds(lambda head, tail: head + tail, st.sampled_from([b"\x93\x01", b"\x93\x01\xcd"]), st.binary(max_size=40)),
+    st.builds(lambda seq, data, more: packb([1, seq, data]) + packb(more), SEQ_LIKE, VALUES, MESSAGE_LIKE),
+)
+
+
+@settings(FAST, max_examples=600)
+@given(LONE_EVENT_LIKE, st.sampled_from([8, 1 << 20, 1 << 20]), st.sampled_from([1, 2, 32, 32]))
+def test_lone_event_shortcut_answers_as_the_general_decoder(frame: bytes, limit: int, depth: int) -> None:
+    expected = protocol._decode_frame(frame, limit, depth)
+    assert protocol.decode_frame(frame, max_message_bytes=limit, max_depth=depth) == expected
+
+
+def test_lone_event_shortcut_reads_every_integer_width_of_seq() -> None:
+    for seq in (0, 127, -1, -32, -33, 255, 256, 65535, 65536, 2**32, 2**64 - 1, -(2**63)):
+        assert decode(packb([1, seq, "x"])) == [Event(seq, packb("x"))]
