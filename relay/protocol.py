@@ -159,7 +159,7 @@ def _lone_event(frame: bytes, max_message_bytes: int, max_depth: int) -> Event |
         return None
     try:
         value = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=False)
-    except Exception:  # ExtraData (more messages), truncated, not msgpack: the general path
+    except Exception:  # noqa: BLE001 - ExtraData (more messages), truncated, not msgpack: the general path
         return None
     if (type(value) is list or type(value) is dict) and _deeper_than(value, max_depth):
         return None
