@@ -1,0 +1,151 @@
+"""Client frames read past websockets' parser (relay/websocket.py): same answers, every chunking.
+
+The splitter may only take a read that websockets would turn into the same binary
+messages; everything else must go to websockets untouched. The first half checks
+the pure function against websockets' own parser; the second sends awkward
+chunkings over a real socket to `relay serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from relay_client import Event, open_client
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from relay.websocket import split_binary_frames
+from tests.abuse import RawSocket, ws_frame
+from tests.helpers import collect
+
+FAST = settings(max_examples=400, deadline=None, derandomize=True, database=None)
+MAX = 16384
+
+
+def websockets_reads(data: bytes, max_size: int | None) -> tuple[list[Frame], bool, bytes]:
+    """What websockets makes of ``data`` on an open connection: frames, error, leftover bytes."""
+    conn = ServerProtocol(max_size=max_size)
+    conn.state = State.OPEN
+    conn.parser = conn.parse()  # the parser a completed handshake leaves
+    next(conn.parser)
+    conn.receive_data(data)
+    frames = [e for e in conn.events_received() if isinstance(e, Frame)]
+    return frames, conn.parser_exc is not None, bytes(conn.reader.buffer)
+
+
+def frame_bytes(opcode: int, payload: bytes, **kw: object) -> bytes:
+    return ws_frame(opcode, payload, **kw)  # type: ignore[arg-type]
+
+
+PAYLOADS = st.binary(max_size=40) | st.binary(min_size=120, max_size=300)
+FRAMES = st.one_of(
+    st.builds(lambda p: frame_bytes(2, p), PAYLOADS),  # what a game client sends
+    st.builds(lambda p: frame_bytes(2, p), PAYLOADS),
+    st.builds(lambda p: frame_bytes(2, p, fin=False), PAYLOADS),
+    st.builds(lambda p: frame_bytes(0, p), PAYLOADS),
+    st.builds(lambda p: frame_bytes(1, p), st.text(max_size=10).map(str.encode)),
+    st.builds(lambda p: frame_bytes(9, p), st.binary(max_size=8)),
+    st.builds(lambda p: frame_bytes(10, p), st.binary(max_size=8)),
+    st.builds(lambda p: frame_bytes(2, p, mask=False), st.binary(max_size=8)),
+    st.builds(lambda p: frame_bytes(2, p, rsv=4), st.binary(max_size=8)),
+    st.just(frame_bytes(2, b"", length=2**40)),
+    st.just(frame_bytes(8, b"\x03\xe8")),
+)
+
+
+@FAST
+@given(st.lists(FRAMES, max_size=6), st.integers(0, 400), st.sampled_from([None, 100, MAX]))
+def test_split_takes_only_what_websockets_reads_as_the_same_binary_messages(
+    frames: list[bytes], cut: int, max_size: int | None
+) -> None:
+    data = b"".join(frames)[: cut or None]  # sometimes a read ends inside a frame
+    payloads = split_binary_frames(data, max_size)
+    if payloads is None:
+        return
+    parsed, failed, leftover = websockets_reads(data, max_size)
+    assert not failed and not leftover
+    assert [(f.opcode, f.fin) for f in parsed] == [(Opcode.BINARY, True)] * len(payloads)
+    assert [f.data for f in parsed] == payloads
+
+
+def test_split_takes_a_client_stream_of_binary_frames() -> None:
+    sizes = [0, 1, 125, 126, 300, 65535]
+    payloads = [os.urandom(n) for n in sizes]
+    data = b"".join(frame_bytes(2, p) for p in payloads)
+    assert split_binary_frames(data, None) == payloads
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame_bytes(2, b"ab") + frame_bytes(9, b""),  # a ping after a move
+        frame_bytes(2, b"ab")[:-1],  # the move's last byte is still on its way
+        frame_bytes(2, b"ab", fin=False),  # a fragment
+        frame_bytes(2, b"x" * 70000),  # 64-bit length: left to websockets
+        frame_bytes(2, b"x" * 200),  # over max_size below
+    ],
+    ids=["ping-after", "partial", "fragment", "64-bit-length", "over-max-size"],
+)
+def test_split_leaves_everything_else_to_websockets(data: bytes) -> None:
+    assert split_binary_frames(data, 100 if len(data) < 1000 else None) is None
+
+
+# --- over a real socket -----------------------------------------------------------
+
+
+def move(seq: int) -> bytes:
+    return msgpack.packb([1, seq, seq], use_bin_type=True)
+
+
+
+@pytest.mark.asyncio
+async def test_moves_arrive_in_order_however_the_client_cuts_its_writes(relay, room) -> None:
+    watcher = await open_client(relay.url, room, player="watcher")
+    raw = await RawSocket.websocket(relay.port, room, "raw")
+    try:
+        frames = [frame_bytes(2, move(seq)) for seq in range(1, 41)]
+        big = frame_bytes(2, msgpack.packb([1, 41, "x" * 300], use_bin_type=True))  # 16-bit length
+        writes = [
+            b"".join(frames[0:5]),  # five moves in one read
+            frames[5][:3],  # a move cut after its header byte...
+            frames[5][3:] + frames[6][:1],  # ...finished with the start of the next
+            frames[6][1:] + frame_bytes(9, b"hi") + frames[7],  # a ping between moves
+            *[bytes([b]) for b in frames[8]],  # a move a byte at a time
+            frame_bytes(2, move(10)[:4], fin=False) + frame_bytes(0, move(10)[4:]),  # fragmented
+            *frames[10:40],
+            big[:100],
+            big[100:],
+        ]
+        for chunk in writes:
+            assert await raw.send(chunk)
+            await asyncio.sleep(0)  # let each write be its own read where the kernel allows
+        seen = await collect(watcher, lambda ms: sum(isinstance(m, Event) for m in ms) >= 41, seconds=10)
+        events = [m for m in seen if isinstance(m, Event)]
+        assert [e.seq for e in events] == list(range(1, 42))
+        assert [e.data for e in events[:40]] == list(range(1, 41))
+        # The ping was answered: a PONG with its payload among the frames the raw socket got.
+        async with asyncio.timeout(10):
+            while True:
+                opcode, payload = await raw.read_frame()
+                if opcode == 0xA:
+                    assert payload == b"hi"
+                    break
+    finally:
+        await raw.close()
+        await watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unmasked_frame_after_good_moves_still_closes_1002(relay, room) -> None:
+    raw = await RawSocket.websocket(relay.port, room, "raw")
+    try:
+        assert await raw.send(frame_bytes(2, move(1)) + frame_bytes(2, move(2), mask=False))
+        assert await raw.close_code() == 1002
+    finally:
+        await raw.close()
