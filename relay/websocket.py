@@ -61,6 +61,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout = CLOSE_TIMEOUT_S
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
+        self.write_paused = False  # uvicorn's ``writable`` event as a plain flag, read per delivery
 
     def handle_ping(self) -> None:
         # websockets answers every ping with a pong. A peer that floods pings and
@@ -130,8 +131,16 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.frames = []
         on_binary(data)
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        super().resume_writing()
+
     def writable_now(self) -> bool:
-        return self.writable.is_set() and not self.close_sent and not self.disconnected
+        return not (self.write_paused or self.close_sent or self.disconnected)
 
     def send_frame_now(self, data: bytes) -> None:
         """Write one binary frame; the caller checked :meth:`writable_now`."""
@@ -142,10 +151,10 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_framed_now(self, frame: bytes) -> bool:
         """Write an already framed message if the socket can take it now."""
-        if self.writable.is_set() and not self.close_sent and not self.disconnected:
-            self.transport.write(frame)
-            return True
-        return False
+        if self.write_paused or self.close_sent or self.disconnected:
+            return False
+        self.transport.write(frame)
+        return True
 
 
 class RelayHttpProtocol(HttpToolsProtocol):
