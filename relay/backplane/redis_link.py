@@ -37,8 +37,45 @@ log = logging.getLogger("relay.redis")
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
+class _SubscriptionStream(asyncio.Protocol):
+    """Reads a subscription straight off its transport, once redis-py has connected it.
+
+    redis-py's read loop costs a task wake-up, a future and five coroutine frames
+    per read, and a node reads a message for every batch of every room it serves:
+    in the ``cluster`` benchmark that was more of a node's CPU than relaying the
+    moves to its players. Here each read is parsed by hiredis where it arrives.
+    """
+
+    def __init__(self, subscriber: Subscriber, replaced: asyncio.BaseProtocol) -> None:
+        self.subscriber = subscriber
+        self.replaced = replaced  # redis-py's stream protocol, told when the connection ends
+        self.parser = hiredis.Reader()
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        parser.feed(data)
+        dispatch = self.subscriber.dispatch
+        try:
+            while (reply := parser.gets()) is not False:
+                dispatch(reply)
+        except Exception as exc:  # noqa: BLE001 - a protocol error or an error reply ends it
+            self.subscriber.end(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close: the subscription is over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.subscriber.end(exc or ConnectionError("Redis closed the subscription"))
+        self.replaced.connection_lost(exc)  # so that redis-py's disconnect() does not wait
+
+
 class Subscriber:
-    """One pub/sub connection, read by its own task; reports messages and its end."""
+    """One pub/sub connection; reports messages and its end.
+
+    redis-py connects it (address, TLS, AUTH, client name); then its transport is
+    read by :class:`_SubscriptionStream`, or, where redis-py's connection is not
+    an asyncio stream, by a task calling redis-py's ``read_response``.
+    """
 
     def __init__(
         self,
@@ -57,6 +94,7 @@ class Subscriber:
         self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._pongs: deque[asyncio.Future[None]] = deque()
         self._reader: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None  # when read by _SubscriptionStream
         self.started: asyncio.Future[None] | None = None  # the connect; everyone waits for it
         self.lost = False
 
@@ -82,6 +120,15 @@ class Subscriber:
 
     async def _connect(self) -> None:
         await self.conn.connect()
+        writer = getattr(self.conn, "_writer", None)
+        reader = getattr(self.conn, "_reader", None)
+        if isinstance(writer, asyncio.StreamWriter) and isinstance(reader, asyncio.StreamReader):
+            # Nothing is left unread: Redis has answered the handshake, and says nothing
+            # more before the first SUBSCRIBE.
+            transport = writer.transport
+            transport.set_protocol(_SubscriptionStream(self, transport.get_protocol()))
+            self._transport = transport  # type: ignore[assignment]
+            return
         parser: Any = getattr(self.conn, "_parser", None)
         if hasattr(parser, "set_pubsub_push_handler"):
             # redis-py's default handler formats every message for a debug log, even when off.
@@ -93,7 +140,13 @@ class Subscriber:
         # reading the handshake while our reader reads too.
         if self.lost:
             raise ConnectionError("subscription lost")
-        await self.conn.send_command(*args)
+        transport = self._transport
+        if transport is None:
+            await self.conn.send_command(*args)
+        elif transport.is_closing():
+            raise ConnectionError("subscription lost")
+        else:
+            transport.write(hiredis.pack_command(args))
 
     async def subscribe(self, channel: bytes, timeout: float) -> None:
         """Subscribe and wait until Redis confirms: from then on nothing published is missed."""
@@ -117,6 +170,8 @@ class Subscriber:
         self.lost = True
         if self.started is not None:
             self.started.cancel()
+        if self._transport is not None:
+            self._transport.abort()  # its connection_lost finds the subscriber lost already: no report
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -126,31 +181,43 @@ class Subscriber:
 
     async def _read(self) -> None:
         conn = self.conn
-        on_message = self.on_message
         try:
             while True:
-                reply = await conn.read_response(timeout=math.inf, push_request=True)
-                if isinstance(reply, (bytes, str)):  # PING's answer: b"PONG" (some versions: [b"pong", b""])
-                    reply = [b"pong"]
-                kind = reply[0]
-                if kind == b"smessage" or kind == b"message":
-                    on_message(reply[1], reply[2])
-                elif kind == b"ssubscribe" or kind == b"subscribe":
-                    self.on_subscribed(reply[1])  # in stream order: what follows is this subscription's
-                    waiting = self._confirm.get(reply[1])
-                    if waiting:
-                        future = waiting.popleft()
-                        if not future.done():
-                            future.set_result(None)
-                elif kind == b"pong" and self._pongs:
-                    future = self._pongs.popleft()
-                    if not future.done():
-                        future.set_result(None)
+                self.dispatch(await conn.read_response(timeout=math.inf, push_request=True))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001  # any end of the stream is a cut subscription
-            self._fail(exc)
-            self.on_lost(exc)
+            self.end(exc)
+
+    def dispatch(self, reply: Any) -> None:
+        """One reply read off the subscription."""
+        if isinstance(reply, Exception):  # an error reply (hiredis returns it, not raises)
+            raise reply
+        if isinstance(reply, (bytes, str)):  # PING's answer: b"PONG" (some versions: [b"pong", b""])
+            reply = [b"pong"]
+        kind = reply[0]
+        if kind == b"smessage" or kind == b"message":
+            self.on_message(reply[1], reply[2])
+        elif kind == b"ssubscribe" or kind == b"subscribe":
+            self.on_subscribed(reply[1])  # in stream order: what follows is this subscription's
+            waiting = self._confirm.get(reply[1])
+            if waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(None)
+        elif kind == b"pong" and self._pongs:
+            future = self._pongs.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    def end(self, exc: BaseException) -> None:
+        """The subscription is cut: report it once (not when we closed it ourselves)."""
+        if self.lost:
+            return
+        self._fail(exc)
+        if self._transport is not None:
+            self._transport.abort()
+        self.on_lost(exc)
 
     def _fail(self, exc: BaseException) -> None:
         self.lost = True
