@@ -246,8 +246,13 @@ class Commands:
     about 7 us a command: a tenth of a node's CPU in the ``cluster`` benchmark).
     """
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, timeout: float) -> None:
+        # One deadline for the whole round trip, not redis-py's per call: with a
+        # socket_timeout it wraps each send in a task of its own (wait_for) and each
+        # reply in a timeout of its own.
+        conn.socket_timeout = None
         self.conn = conn
+        self.timeout = timeout
         self.lock = asyncio.Lock()  # one pipeline at a time on the stream
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -258,15 +263,16 @@ class Commands:
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         conn = self.conn
         try:
-            packed = b"".join([hiredis.pack_command(command) for command in commands])
-            await conn.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            async with asyncio.timeout(self.timeout):
+                packed = b"".join([hiredis.pack_command(command) for command in commands])
+                await conn.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+                return replies
         except BaseException:
             await conn.disconnect()  # a reply may still be on its way: never reuse this stream
             raise
@@ -348,7 +354,7 @@ class RedisLink:
                 pipe.execute_command(*command)  # routed by key; ClusterPipeline refuses pipe.evalsha()
             return list(await pipe.execute(raise_on_error=False))
         if self._commands is None:
-            self._commands = Commands(self.client.connection_pool.make_connection())
+            self._commands = Commands(self.client.connection_pool.make_connection(), self.timeout)
         return await self._commands.execute(commands)
 
     @staticmethod
