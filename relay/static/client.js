@@ -1713,6 +1713,7 @@ var RelayClient = class {
     const bases = this.options.urls?.length ? this.options.urls : [this.options.url];
     this.urls = bases.map((url) => socketUrl({ ...this.options, url }));
     this._at = 0;
+    this._firstTries = 1;
     this.status = "connecting";
     this.view = new RoomView();
     this.droppedTotal = 0;
@@ -2006,6 +2007,11 @@ var RelayClient = class {
         p.reject(new RelayError(`connection closed (${code})`, code, reason));
     }
     this._pings.clear();
+    if (!this._welcomed && !this._closedByUser && this._firstTries < this.urls.length) {
+      this._firstTries += 1;
+      this._at = (this._at + 1) % this.urls.length;
+      return this._open();
+    }
     const willReconnect = !this._closedByUser && this._welcomed && this.options.reconnect && shouldReconnect(code);
     if (!willReconnect) return this._finish(code, reason);
     if (this.status === "open")

@@ -123,6 +123,7 @@ export class RelayClient {
     /** The room's socket URL on each node; a resume token works on any of them. */
     this.urls = bases.map((url) => socketUrl({ ...this.options, url }));
     this._at = 0; // the node of the current (or next) connection
+    this._firstTries = 1; // nodes tried by the first connect; it tries each once
     /** @type {'connecting'|'open'|'reconnecting'|'closed'} */
     this.status = 'connecting';
     this.view = new RoomView();
@@ -462,7 +463,13 @@ export class RelayClient {
         p.reject(new RelayError(`connection closed (${code})`, code, reason));
     }
     this._pings.clear();
-    // The first connect reports its failure through connect(); later breaks are retried.
+    // The first connect tries each node once, at once (a node may be down or full),
+    // then reports the last refusal through connect(); later breaks are retried.
+    if (!this._welcomed && !this._closedByUser && this._firstTries < this.urls.length) {
+      this._firstTries += 1;
+      this._at = (this._at + 1) % this.urls.length;
+      return this._open();
+    }
     const willReconnect =
       !this._closedByUser &&
       this._welcomed &&

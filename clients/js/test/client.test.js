@@ -184,6 +184,23 @@ test('a refused connection rejects connect with the close code and reason', asyn
   assert.equal(FakeSocket.made.length, 1, 'no retry before a first WELCOME');
 });
 
+test('with several nodes, the first connect tries each once before it gives up', async () => {
+  const pending = connect({ ...BASE, urls: ['http://a.test:8000', 'http://b.test:8000'] });
+  FakeSocket.last().drop(1006); // a is down
+  assert.equal(new URL(FakeSocket.last().url).host, 'b.test:8000');
+  FakeSocket.last().drop(1013, 'full'); // b refuses too: connect reports b's answer
+  await assert.rejects(pending, (err) => err instanceof RelayError && err.code === 1013);
+  assert.equal(FakeSocket.made.length, 2, 'each node once');
+
+  const second = connect({ ...BASE, urls: ['http://a.test:8000', 'http://b.test:8000'] });
+  FakeSocket.last().drop(1006);
+  FakeSocket.last().push(welcome());
+  const client = await second;
+  live.add(client);
+  assert.equal(client.status, 'open');
+  assert.equal(new URL(client.url).host, 'b.test:8000', 'it stays on the node that answered');
+});
+
 test('a broken connection is rejoined with backoff and a fresh snapshot', async () => {
   const client = await joined();
   client.sendEvent('before');
