@@ -75,6 +75,8 @@ class Connection:
     async def run(self) -> None:
         await self.send({"type": "websocket.accept"})
         self.scope["headers"] = ()  # read already (origin); not kept for the connection's life
+        if self.proto is not None:
+            self.proto.forget_handshake()
         self.stats.connections_total += 1
         if self.relay.closing:
             return await self._close_now(CloseCode.GOING_AWAY, "server shutting down")
