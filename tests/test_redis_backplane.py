@@ -13,7 +13,7 @@ from relay import protocol
 from relay.backplane.base import RoomFull
 from relay.backplane.redis import RedisBackplane
 from relay.config import Settings
-from relay.protocol import MsgType
+from relay.protocol import CloseCode, MsgType
 from relay.room import Entry, event_entry, state_entry
 from tests.redisproc import command
 from tests.relayproc import timeout
@@ -110,6 +110,25 @@ async def test_snapshot_keeps_raw_bytes_and_follows_state_and_leave(started):
     await seen_a.until(lambda: seen_a.entries[-1].kind is MsgType.LEAVE)
     state = await b.room("r")
     assert state is not None and state.snapshot == {} and list(state.members) == [joined.member.actor]
+
+
+async def test_a_leave_with_a_close_code_enum_is_relayed_with_its_number(started):
+    # Server-side closes carry a CloseCode (an IntEnum): it must reach Redis as 4029,
+    # and must not break the pipeline it shares with other rooms' moves.
+    backplane, seen = await started()
+    for room in ("r", "other"):
+        await backplane.subscribe(room)
+    gone = (await backplane.join("r", "gone", {}, max_players=8)).member.actor
+    other = (await backplane.join("other", "p", {}, max_players=8)).member.actor
+    await backplane.leave("r", gone, CloseCode.RATE_LIMITED)
+    backplane.publish("other", [event_entry(other, 1, protocol.pack("same flush"))])
+    await seen.until(lambda: any(e.kind is MsgType.LEAVE for e in seen.entries))
+    leave = next(e for e in seen.entries if e.kind is MsgType.LEAVE)
+    assert msgpack.unpackb(leave.wire) == [6, gone, 4029, leave.offset]
+    await seen.until(lambda: any(e.kind is MsgType.EVENT for e in seen.entries))
+    state = await backplane.room("r")
+    assert state is None or gone not in state.members
+    assert backplane.stats.errors["internal"] == 0
 
 
 async def test_room_full_and_an_empty_room_coming_back_with_a_new_epoch(started):

@@ -286,7 +286,8 @@ class RedisBackplane:
         r = self._rooms.get(room)
         epoch = r.seated.pop(actor, None) if r is not None else None
         if r is not None and epoch is not None:  # only seats this node made, in their own epoch
-            self._enqueue(r, _Op("leave", epoch, args=[epoch, actor, close_code, self.node_id]))
+            # int(): a CloseCode is an IntEnum, which Redis's packer would not take as a number
+            self._enqueue(r, _Op("leave", epoch, args=[epoch, actor, int(close_code), self.node_id]))
 
     def publish(self, room: str, entries: list[Entry], seqs: dict[int, int] | None = None) -> None:
         r = self._room(room)

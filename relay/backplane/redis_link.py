@@ -233,6 +233,14 @@ class Subscriber:
         self._pongs.clear()
 
 
+def _pack(command: tuple[Any, ...]) -> bytes:
+    """One command in Redis's protocol; an int subclass (an IntEnum) goes as its number."""
+    try:
+        return hiredis.pack_command(command)
+    except TypeError:  # hiredis takes exactly str, int, float and bytes
+        return hiredis.pack_command(tuple(int(a) if isinstance(a, int) else a for a in command))
+
+
 async def _as_is(response: Any) -> Any:
     return response
 
@@ -264,7 +272,7 @@ class Commands:
         conn = self.conn
         try:
             async with asyncio.timeout(self.timeout):
-                packed = b"".join([hiredis.pack_command(command) for command in commands])
+                packed = b"".join([_pack(command) for command in commands])
                 await conn.send_packed_command(packed, check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
