@@ -77,16 +77,14 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._split_here:
-            conn = self.conn
-            if conn.state is State.OPEN and not conn.reader.buffer and conn.current_size is None:
-                payloads = split_binary_frames(data, conn.max_message_size)
-                if payloads is not None:
-                    on_binary = self.on_binary
-                    for payload in payloads:
-                        if self.close_sent:
-                            return  # as uvicorn does: past the close, messages are dropped
-                        on_binary(payload)  # type: ignore[misc]
-                    return
+            payloads = read_binary_frames(self.conn, data)
+            if payloads is not None:
+                on_binary = self.on_binary
+                for payload in payloads:
+                    if self.close_sent:
+                        return  # as uvicorn does: past the close, messages are dropped
+                    on_binary(payload)  # type: ignore[misc]
+                return
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None:
             # websockets refused the request (a line over 8 KiB, too many headers) and
@@ -122,10 +120,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         for message in keep:
             self.queue.put_nowait(message)
         self.on_binary = on_binary
-        conn = self.conn  # the parser state the shortcut checks, where this websockets has it
-        self._split_here = isinstance(getattr(conn.reader, "buffer", None), bytearray) and hasattr(
-            conn, "current_size"
-        )
+        self._split_here = can_read_binary_frames(self.conn)
         for data in queued:
             on_binary(data)
         if self.read_paused and self.queue.empty():
@@ -186,6 +181,41 @@ class RelayHttpProtocol(HttpToolsProtocol):
     def _no_request(self) -> None:
         if self.transport.get_protocol() is self and not self.transport.is_closing():
             self.transport.abort()
+
+
+def can_read_binary_frames(conn: Any) -> bool:
+    """Whether this websockets exposes the parser state :func:`read_binary_frames` checks."""
+    return (
+        isinstance(getattr(conn.reader, "buffer", None), bytearray)
+        and hasattr(conn, "current_size")
+        and hasattr(getattr(conn, "parser", None), "gi_yieldfrom")
+    )
+
+
+def read_binary_frames(conn: Any, data: bytes) -> list[bytes] | None:
+    """The payloads of ``data`` when websockets' parser stands between two frames
+    and ``data`` holds only whole binary frames (:func:`split_binary_frames`);
+    else None, and ``data`` is websockets' to parse."""
+    if conn.state is not State.OPEN or conn.current_size is not None or conn.reader.buffer:
+        return None
+    if not _between_frames(conn.parser):
+        return None
+    return split_binary_frames(data, conn.max_message_size)
+
+
+def _between_frames(parser: Any) -> bool:
+    """Whether websockets' parser waits for the first byte of a frame.
+
+    An empty buffer is not enough: ``read_exact`` takes bytes as they come, so a
+    read that ended inside a frame's header, mask or payload leaves the buffer
+    empty with the parser in the middle of that frame. Between frames, and only
+    there, the parse loop waits in ``StreamReader.at_eof()``.
+    """
+    inner = parser
+    while (outer_wait := getattr(inner, "gi_yieldfrom", None)) is not None:
+        inner = outer_wait
+    code = getattr(inner, "gi_code", None)
+    return inner is not parser and code is not None and code.co_name == "at_eof"
 
 
 def split_binary_frames(data: bytes, max_size: int | None) -> list[bytes] | None:

@@ -14,6 +14,7 @@ import websockets
 from relay import auth
 from relay_client import Error, Event, Leave, RelayClosed, State, connect, open_client
 from tests.helpers import closed, collect, next_of
+from tests.relayproc import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -211,3 +212,16 @@ async def test_turn_passes_when_the_current_player_leaves(relay):
         assert error.ref_seq == refused_seq
         third.send_event("move 2")
         assert (await next_of(first, Event)).data == "move 2"
+
+
+async def test_first_connect_moves_past_an_unreachable_node_but_not_past_a_verdict(secured, room):
+    nobody = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    token = auth.issue(SECRET, "ann")
+    async with connect([nobody, secured.url], room, token=token) as client:
+        assert client.members[client.actor].player == "ann"
+    # A bad token is refused by every node alike: reported as it is, no other node tried
+    # (trying the unreachable one would have raised a connection error instead).
+    with pytest.raises(RelayClosed) as info:
+        async with connect([secured.url, nobody], room, token="not-a-token"):
+            pass
+    assert info.value.code == 4001

@@ -20,7 +20,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relay.websocket import split_binary_frames
+from relay.websocket import read_binary_frames, split_binary_frames
 from tests.abuse import RawSocket, ws_frame
 from tests.helpers import collect
 
@@ -72,6 +72,84 @@ def test_split_takes_only_what_websockets_reads_as_the_same_binary_messages(
     assert not failed and not leftover
     assert [(f.opcode, f.fin) for f in parsed] == [(Opcode.BINARY, True)] * len(payloads)
     assert [f.data for f in parsed] == payloads
+
+
+def open_server_protocol(max_size: int | None) -> ServerProtocol:
+    conn = ServerProtocol(max_size=max_size)
+    conn.state = State.OPEN
+    conn.parser = conn.parse()  # the parser a completed handshake leaves
+    next(conn.parser)
+    return conn
+
+
+def messages_of(frames: list[Frame], partial: list[bytes]) -> list[tuple[str, bytes]]:
+    """Whole messages from data frames, as uvicorn assembles them (``partial``: a fragmented one)."""
+    out = []
+    for frame in frames:
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            if frame.opcode is not Opcode.CONT:
+                partial[:] = [b"t" if frame.opcode is Opcode.TEXT else b"b"]
+            partial.append(bytes(frame.data))
+            if frame.fin:
+                out.append((partial[0].decode(), b"".join(partial[1:])))
+        elif frame.opcode is Opcode.PING:
+            out.append(("ping", bytes(frame.data)))
+    return out
+
+
+def unmasked_payload_frame(payload: bytes) -> bytes:
+    """A valid client frame whose mask is zero: its payload goes on the wire as is."""
+    assert len(payload) < 126
+    return bytes((0x82, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
+
+
+VALID = st.one_of(
+    st.builds(lambda p: [frame_bytes(2, p)], PAYLOADS),
+    # A move whose bytes look like a whole frame: a read starting inside it must not pass.
+    st.builds(lambda p: [unmasked_payload_frame(frame_bytes(2, p))], st.binary(max_size=40)),
+    st.builds(lambda p: [frame_bytes(2, p)], PAYLOADS),
+    st.builds(lambda p: [frame_bytes(9, p)], st.binary(max_size=8)),
+    st.builds(lambda p: [frame_bytes(1, p)], st.text(max_size=10).map(str.encode)),
+    st.builds(
+        lambda a, b: [frame_bytes(2, a, fin=False), frame_bytes(9, b"x"), frame_bytes(0, b)], PAYLOADS, PAYLOADS
+    ),
+)
+
+
+@FAST
+@given(st.lists(VALID, max_size=8), st.lists(st.integers(1, 12) | st.integers(1, 400), max_size=12))
+def test_every_chunking_of_a_stream_gives_websockets_messages(groups: list[list[bytes]], cuts: list[int]) -> None:
+    stream = b"".join(b"".join(g) for g in groups)
+    expected = messages_of(websockets_reads(stream, MAX)[0], [])
+    # The same bytes in reads of arbitrary sizes, each taken by the shortcut when it
+    # says so and by websockets otherwise, as RelayWebSocketProtocol.data_received does.
+    conn, got, partial, at = open_server_protocol(MAX), [], [], 0
+    for size in [*cuts, len(stream)]:
+        chunk, at = stream[at : at + size], at + size
+        if not chunk:
+            continue
+        payloads = read_binary_frames(conn, chunk)
+        if payloads is None:
+            conn.receive_data(chunk)
+            got += messages_of([e for e in conn.events_received() if isinstance(e, Frame)], partial)
+        else:
+            got += [("b", p) for p in payloads]
+    assert conn.parser_exc is None
+    assert got == expected
+
+
+def test_a_read_that_ends_inside_a_frame_keeps_the_next_read_from_the_shortcut() -> None:
+    # A frame cut after its header and mask: websockets' buffer is empty, but the next
+    # read is the rest of that frame, even though it looks like a whole frame itself.
+    inner = frame_bytes(2, b"ABCD")  # 10 bytes, the payload of the outer frame below
+    outer = b"\x82\x8a" + b"\x00\x00\x00\x00" + inner  # mask 0: the payload is ``inner`` as is
+    conn = open_server_protocol(MAX)
+    assert read_binary_frames(conn, outer[:6]) is None  # half a frame: websockets parses it
+    conn.receive_data(outer[:6])
+    assert not conn.reader.buffer
+    assert read_binary_frames(conn, outer[6:]) is None
+    conn.receive_data(outer[6:])
+    assert [e.data for e in conn.events_received()] == [inner]
 
 
 def test_split_takes_a_client_stream_of_binary_frames() -> None:

@@ -2007,7 +2007,7 @@ var RelayClient = class {
         p.reject(new RelayError(`connection closed (${code})`, code, reason));
     }
     this._pings.clear();
-    if (!this._welcomed && !this._closedByUser && this._firstTries < this.urls.length) {
+    if (!this._welcomed && !this._closedByUser && this._firstTries < this.urls.length && shouldReconnect(code)) {
       this._firstTries += 1;
       this._at = (this._at + 1) % this.urls.length;
       return this._open();

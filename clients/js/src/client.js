@@ -464,8 +464,14 @@ export class RelayClient {
     }
     this._pings.clear();
     // The first connect tries each node once, at once (a node may be down or full),
-    // then reports the last refusal through connect(); later breaks are retried.
-    if (!this._welcomed && !this._closedByUser && this._firstTries < this.urls.length) {
+    // then reports the last refusal through connect(); a verdict (a bad token, a bad
+    // request) is reported at once. Later breaks are retried.
+    if (
+      !this._welcomed &&
+      !this._closedByUser &&
+      this._firstTries < this.urls.length &&
+      codec.shouldReconnect(code)
+    ) {
       this._firstTries += 1;
       this._at = (this._at + 1) % this.urls.length;
       return this._open();

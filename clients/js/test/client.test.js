@@ -199,6 +199,12 @@ test('with several nodes, the first connect tries each once before it gives up',
   live.add(client);
   assert.equal(client.status, 'open');
   assert.equal(new URL(client.url).host, 'b.test:8000', 'it stays on the node that answered');
+
+  const refused = connect({ ...BASE, urls: ['http://a.test:8000', 'http://b.test:8000'] });
+  const before = FakeSocket.made.length;
+  FakeSocket.last().drop(4001, 'bad token'); // a verdict: every node would say the same
+  await assert.rejects(refused, (err) => err instanceof RelayError && err.code === 4001);
+  assert.equal(FakeSocket.made.length, before, 'no other node tried');
 });
 
 test('a broken connection is rejoined with backoff and a fresh snapshot', async () => {

@@ -355,9 +355,12 @@ async def open_client(
         try:
             ws, welcome, rest = await _open(address, query, open_timeout)
             break
-        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, RelayClosed):
+        except RelayClosed as exc:
+            if exc.code not in RESUMABLE or at == len(addresses) - 1:
+                raise  # a verdict (a bad token, a full room) would be every node's answer
+        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake):
             if at == len(addresses) - 1:
-                raise  # every node refused: the last one's answer
+                raise  # no node could be reached: the last one's failure
     addresses = addresses[at:] + addresses[:at]  # the one that answered first
     client = Client(
         ws, welcome, max_queue=max_queue, address=addresses, query=query,
