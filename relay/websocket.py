@@ -24,8 +24,8 @@ cost per frame is what limits a relay (docs/design.md, "The hot path"):
   websockets' general parser (a generator step per header field, about as much
   CPU as the rest of a move's way through the relay). Anything else (a control
   frame, a fragment, a partial frame, a frame over the size limit) goes to
-  websockets as before, and so does every read after it until its parser has
-  nothing left over.
+  websockets as before, and so does every read after it until its parser
+  stands between two frames again (it says so by waiting in ``at_eof()``).
 * ``send_frame_now(data)``: write one binary frame to the transport now, if it
   can take it. A server's frames are unmasked, so a frame is a 2-10 byte header
   and the payload. The payload is the shared ``bytes`` object, not a copy.
