@@ -212,8 +212,8 @@ def _between_frames(parser: Any) -> bool:
     there, the parse loop waits in ``StreamReader.at_eof()``.
     """
     inner = parser
-    while (outer_wait := getattr(inner, "gi_yieldfrom", None)) is not None:
-        inner = outer_wait
+    while (awaited := getattr(inner, "gi_yieldfrom", None)) is not None:
+        inner = awaited  # down the chain of ``yield from`` to the innermost wait
     code = getattr(inner, "gi_code", None)
     return inner is not parser and code is not None and code.co_name == "at_eof"
 
