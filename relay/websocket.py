@@ -206,8 +206,9 @@ def read_binary_frames(conn: Any, data: bytes) -> list[bytes] | None:
 def _between_frames(parser: Any) -> bool:
     """Whether websockets' parser waits for the first byte of a frame.
 
-    An empty buffer is not enough: ``read_exact`` takes bytes as they come, so a
-    read that ended inside a frame's header, mask or payload leaves the buffer
+    An empty buffer is not enough: ``read_exact`` takes each piece of a frame (its
+    first two bytes, its extended length, its mask, its payload) as soon as the
+    piece is whole, so a read that ended between two pieces leaves the buffer
     empty with the parser in the middle of that frame. Between frames, and only
     there, the parse loop waits in ``StreamReader.at_eof()``.
     """

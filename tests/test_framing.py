@@ -152,6 +152,16 @@ def test_a_read_that_ends_inside_a_frame_keeps_the_next_read_from_the_shortcut()
     assert [e.data for e in conn.events_received()] == [inner]
 
 
+def test_a_new_binary_frame_in_the_middle_of_a_fragmented_message_stays_a_protocol_error() -> None:
+    conn = open_server_protocol(MAX)
+    conn.receive_data(frame_bytes(2, b"first half", fin=False))  # a fragmented message begins
+    assert not conn.reader.buffer and conn.current_size is not None
+    intruder = frame_bytes(2, b"whole")  # must be a continuation, not a new message
+    assert read_binary_frames(conn, intruder) is None
+    conn.receive_data(intruder)
+    assert conn.parser_exc is not None  # websockets closes it 1002
+
+
 def test_split_takes_a_client_stream_of_binary_frames() -> None:
     sizes = [0, 1, 125, 126, 300, 65535]
     payloads = [os.urandom(n) for n in sizes]
