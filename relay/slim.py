@@ -13,20 +13,40 @@ import asyncio
 from typing import Any
 
 
-def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
+class _Waiters:
+    """Futures waiting for a change: made only when someone waits, all woken at once."""
 
-
-class SlimQueue:
-    """``put_nowait``, ``get``, ``get_nowait``, ``empty`` and ``qsize`` of an unbounded FIFO."""
-
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._items: list[Any] = []
         self._waiters: list[asyncio.Future[None]] | None = None
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+class SlimQueue(_Waiters):
+    """``put_nowait``, ``get``, ``get_nowait``, ``empty`` and ``qsize`` of an unbounded FIFO."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._items: list[Any] = []
 
     def qsize(self) -> int:
         return len(self._items)
@@ -36,10 +56,7 @@ class SlimQueue:
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
-        waiters = self._waiters
-        if waiters:
-            self._waiters = None
-            _wake_all(waiters)
+        self._wake()
 
     def get_nowait(self) -> Any:
         if not self._items:
@@ -48,52 +65,32 @@ class SlimQueue:
 
     async def get(self) -> Any:
         while not self._items:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            await self._wait()
         return self._items.pop(0)
 
 
-class SlimEvent:
-    """``set``, ``clear``, ``is_set`` and ``wait`` of ``asyncio.Event``."""
+class SlimEvent(_Waiters):
+    """``set``, ``clear``, ``is_set`` and ``wait`` of ``asyncio.Event``; ``value`` is
+    ``is_set()`` as an attribute, for a check made per delivery."""
 
-    __slots__ = ("_value", "_waiters")
+    __slots__ = ("value",)
 
     def __init__(self, value: bool = False) -> None:
-        self._value = value
-        self._waiters: list[asyncio.Future[None]] | None = None
+        super().__init__()
+        self.value = value
 
     def is_set(self) -> bool:
-        return self._value
+        return self.value
 
     def set(self) -> None:
-        if self._value:
-            return
-        self._value = True
-        waiters = self._waiters
-        if waiters:
-            self._waiters = None
-            _wake_all(waiters)
+        if not self.value:
+            self.value = True
+            self._wake()
 
     def clear(self) -> None:
-        self._value = False
+        self.value = False
 
     async def wait(self) -> bool:
-        if self._value:
-            return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-            return True
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
+        if not self.value:
+            await self._wait()
+        return True

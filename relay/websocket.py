@@ -65,7 +65,6 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout = CLOSE_TIMEOUT_S
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
-        self.write_paused = False  # uvicorn's ``writable`` event as a plain flag, read per delivery
 
     def handle_ping(self) -> None:
         # websockets answers every ping with a pong. A peer that floods pings and
@@ -136,16 +135,8 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.frames = []
         on_binary(data)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        super().pause_writing()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        super().resume_writing()
-
     def writable_now(self) -> bool:
-        return not (self.write_paused or self.close_sent or self.disconnected)
+        return self.writable.value and not (self.close_sent or self.disconnected)  # type: ignore[attr-defined]
 
     def send_frame_now(self, data: bytes) -> None:
         """Write one binary frame; the caller checked :meth:`writable_now`."""
@@ -156,7 +147,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_framed_now(self, frame: bytes) -> bool:
         """Write an already framed message if the socket can take it now."""
-        if self.write_paused or self.close_sent or self.disconnected:
+        if not self.writable.value or self.close_sent or self.disconnected:  # type: ignore[attr-defined]
             return False
         self.transport.write(frame)
         return True
