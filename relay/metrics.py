@@ -8,7 +8,7 @@ families when Prometheus scrapes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -96,10 +96,7 @@ class BackplaneStats:
         yield _counter("relay_backplane_operations", "room operations sent to Redis", self.operations)
         yield _counter("relay_backplane_batches", "batches of moves sequenced in Redis", self.batches)
         yield _counter("relay_backplane_batched_moves", "moves in those batches", self.entries)
-        m = CounterMetricFamily("relay_backplane_errors", "backplane errors, by kind", labels=["kind"])
-        for kind, n in sorted(self.errors.items()):
-            m.add_metric([kind], n)
-        yield m
+        yield _by_label("relay_backplane_errors", "backplane errors, by kind", "kind", self.errors)
         yield _counter("relay_backplane_resyncs", "rooms resynchronised (local seats closed)", self.resyncs)
         yield _counter("relay_backplane_repairs", "rooms checked against Redis after a cut", self.repairs)
         yield _counter("relay_backplane_replayed", "missed entries delivered from history", self.replayed)
@@ -120,35 +117,22 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         s = self.stats
         yield _counter("relay_connections", "WebSocket connections accepted", s.connections_total)
-        m = CounterMetricFamily("relay_messages_in", "messages received, by type", labels=["type"])
-        for kind, n in sorted(s.messages_in.items()):
-            m.add_metric([kind], n)
-        yield m
-        m = CounterMetricFamily("relay_messages_out", "messages queued to clients", labels=["type"])
-        for kind, n in sorted(s.messages_out.items()):
-            m.add_metric([_TYPE_NAMES.get(MsgType(kind), str(kind))], n)
-        yield m
+        yield _by_label("relay_messages_in", "messages received, by type", "type", s.messages_in)
+        out = {_TYPE_NAMES.get(MsgType(kind), str(kind)): n for kind, n in s.messages_out.items()}
+        yield _by_label("relay_messages_out", "messages queued to clients", "type", out)
         yield _counter("relay_frames_in", "binary frames received", s.frames_in)
         yield _counter("relay_bytes_in", "bytes received in binary frames", s.bytes_in)
         yield _counter("relay_frames_out", "frames sent", s.frames_out)
         yield _counter("relay_bytes_out", "bytes sent in frames", s.bytes_out)
-        m = CounterMetricFamily("relay_errors", "ERROR messages sent, by code", labels=["code"])
-        for code, n in sorted(s.errors.items()):
-            m.add_metric([code], n)
-        yield m
-        m = CounterMetricFamily("relay_closes", "connections closed, by close code", labels=["code"])
-        for code, n in sorted(s.closes.items()):
-            m.add_metric([str(code)], n)
-        yield m
+        yield _by_label("relay_errors", "ERROR messages sent, by code", "code", s.errors)
+        closes = {str(int(code)): n for code, n in s.closes.items()}
+        yield _by_label("relay_closes", "connections closed, by close code", "code", closes)
         yield _counter("relay_dropped_events", "EVENTs dropped for slow readers", s.dropped)
         yield _counter("relay_coalesced_states", "STATEs replaced by newer ones", s.coalesced)
         yield _counter(
             "relay_slow_consumer_closes", "connections closed with 4008", s.slow_consumer_closes
         )
-        m = CounterMetricFamily("relay_resumes", "seats resumed, by the node that held them", labels=["held_by"])
-        for where, n in sorted(s.resumes.items()):
-            m.add_metric([where], n)
-        yield m
+        yield _by_label("relay_resumes", "seats resumed, by the node that held them", "held_by", s.resumes)
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)
         if self.backplane is not None:
@@ -157,6 +141,14 @@ class RelayCollector:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+def _by_label(name: str, doc: str, label: str, counts: Mapping[str, float]) -> CounterMetricFamily:
+    """One counter per label value, in a stable order."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
 
 
 def registry(

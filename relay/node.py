@@ -102,6 +102,10 @@ class Node:
             room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
         }
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop or asyncio.get_running_loop()
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.backplane.start(self)
@@ -361,7 +365,7 @@ class Node:
             self._to_publish.append(room)
             if not self._publish_scheduled:
                 self._publish_scheduled = True
-                (self._loop or asyncio.get_running_loop()).call_soon(self._publish_all)
+                self.loop.call_soon(self._publish_all)
         room.pending.append(entry)
         if seq is not None:
             seat.last_seq = seq  # taken: recorded with the batch that carries it (see _publish_room)
@@ -397,7 +401,7 @@ class Node:
         """
         self._publish_scheduled = False
         rooms, self._to_publish = self._to_publish, []
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         per_member, cap = self._batch_per_member_s, self._max_batch_s
         for room in rooms:
@@ -417,7 +421,7 @@ class Node:
     def _publish_room(self, room: LocalRoom) -> None:
         if room.pending:
             entries, room.pending = room.pending, []
-            room.last_publish = (self._loop or asyncio.get_running_loop()).time()
+            room.last_publish = self.loop.time()
             seqs = None
             if self._keeps_seqs:  # for a takeover elsewhere: what the room has from each seat
                 seats = room.seats
@@ -587,7 +591,7 @@ class Node:
         else:
             # Everything this event-loop iteration queues for a seat goes out as one frame.
             if not self._to_flush:
-                (self._loop or asyncio.get_running_loop()).call_soon(self._flush_seats)
+                self.loop.call_soon(self._flush_seats)
             self._to_flush.add(seat)
 
     def _flush_seats(self) -> None:

@@ -146,7 +146,7 @@ class Subscriber:
         elif transport.is_closing():
             raise ConnectionError("subscription lost")
         else:
-            transport.write(hiredis.pack_command(args))
+            transport.write(_pack(args))
 
     async def subscribe(self, channel: bytes, timeout: float) -> None:
         """Subscribe and wait until Redis confirms: from then on nothing published is missed."""
