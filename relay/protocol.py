@@ -129,10 +129,11 @@ def decode_frame(frame: bytes, *, max_message_bytes: int, max_depth: int = 32) -
     structure cannot be followed (truncated, not msgpack) ends the frame, since
     the messages after it cannot be found.
     """
-    if frame[:2] == b"\x93\x01":  # most frames are one EVENT: [1, seq, data]
-        event = _lone_event(frame, max_message_bytes, max_depth)
-        if event is not None:
-            return [event]
+    if frame[:2] == b"\x93\x01":  # most frames are one EVENT, or start with one: [1, seq, data]
+        first = _first_event(frame, max_message_bytes, max_depth)
+        if first is not None:
+            event, rest = first
+            return [event, *_decode_frame(rest, max_message_bytes, max_depth)] if rest else [event]
     return _decode_frame(frame, max_message_bytes, max_depth)
 
 
@@ -140,8 +141,9 @@ def decode_frame(frame: bytes, *, max_message_bytes: int, max_depth: int = 32) -
 _INT_WIDTH = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
 
 
-def _lone_event(frame: bytes, max_message_bytes: int, max_depth: int) -> Event | None:
-    """The frame's only message, a valid EVENT, in one C call; None for anything else.
+def _first_event(frame: bytes, max_message_bytes: int, max_depth: int) -> tuple[Event, bytes] | None:
+    """The frame's first message when it is a valid EVENT, found in one C call, and
+    the bytes after it (for the general decoder); None for anything else.
 
     The general decoder walks a frame value by value, which costs about as much
     as the rest of a move's way through the relay. None sends the frame there, so
@@ -155,11 +157,15 @@ def _lone_event(frame: bytes, max_message_bytes: int, max_depth: int) -> Event |
         if not width:
             return None
     data = frame[2 + width :]
-    if len(data) > max_message_bytes:
-        return None
+    rest = b""
     try:
         value = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - ExtraData (more messages), truncated, not msgpack: the general path
+    except msgpack.ExtraData as more:  # other messages follow this one
+        value, rest = more.unpacked, more.extra
+        data = data[: len(data) - len(rest)]
+    except Exception:  # noqa: BLE001 - truncated, not msgpack, an ext type: the general path
+        return None
+    if len(data) > max_message_bytes:
         return None
     if (type(value) is list or type(value) is dict) and _deeper_than(value, max_depth):
         return None
@@ -167,7 +173,7 @@ def _lone_event(frame: bytes, max_message_bytes: int, max_depth: int) -> Event |
         seq = first if first < 0x80 else first - 0x100
     else:
         seq = int.from_bytes(frame[3 : 2 + width], "big", signed=first >= 0xD0)
-    return Event(seq, data)
+    return Event(seq, data), rest
 
 
 def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int) -> list[ClientMessage]:

@@ -772,7 +772,7 @@ def test_relayed_event_reads_back(actor: int, seq: int, value: Any, offset: int)
     assert unpack_one(wire) == [1, actor, seq, value, offset]
 
 
-# The lone-EVENT shortcut (a frame that is one [1, seq, data]) must answer exactly as
+# The first-EVENT shortcut (a frame that is or starts with [1, seq, data]) must answer as
 # the general decoder does, refusals included: it hands every doubtful frame on to it.
 SEQ_LIKE = st.integers(-(2**63), 2**64 - 1) | SCALARS
 LONE_EVENT_LIKE = st.one_of(
@@ -786,11 +786,11 @@ LONE_EVENT_LIKE = st.one_of(
 
 @settings(FAST, max_examples=600)
 @given(LONE_EVENT_LIKE, st.sampled_from([8, 1 << 20, 1 << 20]), st.sampled_from([1, 2, 32, 32]))
-def test_lone_event_shortcut_answers_as_the_general_decoder(frame: bytes, limit: int, depth: int) -> None:
+def test_first_event_shortcut_answers_as_the_general_decoder(frame: bytes, limit: int, depth: int) -> None:
     expected = protocol._decode_frame(frame, limit, depth)
     assert protocol.decode_frame(frame, max_message_bytes=limit, max_depth=depth) == expected
 
 
-def test_lone_event_shortcut_reads_every_integer_width_of_seq() -> None:
+def test_first_event_shortcut_reads_every_integer_width_of_seq() -> None:
     for seq in (0, 127, -1, -32, -33, 255, 256, 65535, 65536, 2**32, 2**64 - 1, -(2**63)):
         assert decode(packb([1, seq, "x"])) == [Event(seq, packb("x"))]
