@@ -34,6 +34,13 @@ FAR_FUTURE = 1 << 62
 SLOW_RCVBUF = 4096
 
 
+# Every player's websockets client: no compression or keepalive of its own, no proxy
+# lookup, no size limit (the relay's limits are what is measured).
+CONNECT_OPTIONS: dict[str, Any] = {
+    "compression": None, "ping_interval": None, "proxy": None, "max_size": None, "close_timeout": 1,
+}
+
+
 @dataclass(frozen=True)
 class Seat:
     """Where one player goes: its room, which server, and whether it reads slowly."""
@@ -165,15 +172,11 @@ class Player:
         self.welcomed = asyncio.get_running_loop().create_future()
         self.ws = await connect(
             self.url,
-            compression=None,
-            ping_interval=None,
-            proxy=None,
-            max_size=None,
             open_timeout=timeout,
-            close_timeout=1,
             create_connection=functools.partial(  # type: ignore[arg-type]
                 FrameConnection, on_frame=self.on_frame
             ),
+            **CONNECT_OPTIONS,
         )
         await asyncio.wait_for(self.welcomed, timeout)
         self.ws.fast = True  # type: ignore[attr-defined]
@@ -185,16 +188,7 @@ class Player:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (url.hostname, url.port))
         # Not reading: websockets queues a few frames, then stops reading the socket.
-        return await connect(
-            self.url,
-            compression=None,
-            ping_interval=None,
-            proxy=None,
-            sock=sock,
-            max_size=None,
-            open_timeout=timeout,
-            close_timeout=1,
-        )
+        return await connect(self.url, sock=sock, open_timeout=timeout, **CONNECT_OPTIONS)
 
     def _check_welcome(self, frame: bytes | bytearray) -> None:
         self.unpacker.feed(frame)

@@ -28,26 +28,40 @@ def room_messages(messages):
     return [m for m in messages if isinstance(m, (Event, State))]
 
 
-async def test_three_senders_two_watchers_see_one_order(relay, room):
-    async with connect(relay.url, room, player="w1") as w1, connect(relay.url, room, player="w2") as w2:
-        senders = [await open_client(relay.url, room, player=f"s{i}") for i in range(3)]
-        try:
-            expected = 3 * (MOVES + MOVES // 10)
-            done = lambda ms: len(room_messages(ms)) >= expected  # noqa: E731
-            watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
-            await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
-            seen1, seen2 = await asyncio.gather(*watching)
-        finally:
-            for s in senders:
-                await s.close()
+async def watch_senders(watchers, senders) -> list[list]:
+    """Every sender sends MOVES moves at once; what each watcher saw, once it saw them all."""
+    expected = len(senders) * (MOVES + MOVES // 10)
+    done = lambda ms: len(room_messages(ms)) >= expected  # noqa: E731
+    watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in watchers]
+    await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
+    return list(await asyncio.gather(*watching))
+
+
+def one_gapless_order(seen1, seen2) -> list[tuple]:
+    """The room order two watchers saw: the same for both, with consecutive offsets."""
     order1 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen1)]
     order2 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen2)]
     assert order1 == order2
     offsets = [o for _, _, o, _ in order1]
     assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))  # consecutive: nothing lost
-    for i, sender in enumerate(senders):  # each sender's own order is kept
-        own = [d[1] for kind, actor, _, d in order1 if kind == "Event" and actor == sender.actor]
+    return order1
+
+
+def assert_each_senders_order_kept(order, senders) -> None:
+    for sender in senders:
+        own = [d[1] for kind, actor, _, d in order if kind == "Event" and actor == sender.actor]
         assert own == list(range(MOVES))
+
+
+async def test_three_senders_two_watchers_see_one_order(relay, room):
+    async with connect(relay.url, room, player="w1") as w1, connect(relay.url, room, player="w2") as w2:
+        senders = [await open_client(relay.url, room, player=f"s{i}") for i in range(3)]
+        try:
+            seen1, seen2 = await watch_senders((w1, w2), senders)
+        finally:
+            for s in senders:
+                await s.close()
+    assert_each_senders_order_kept(one_gapless_order(seen1, seen2), senders)
 
 
 async def test_late_joiner_gets_snapshot_then_exactly_later_messages(relay, room):

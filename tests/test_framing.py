@@ -28,34 +28,35 @@ FAST = settings(max_examples=400, deadline=None, derandomize=True, database=None
 MAX = 16384
 
 
-def websockets_reads(data: bytes, max_size: int | None) -> tuple[list[Frame], bool, bytes]:
-    """What websockets makes of ``data`` on an open connection: frames, error, leftover bytes."""
+def open_server_protocol(max_size: int | None) -> ServerProtocol:
     conn = ServerProtocol(max_size=max_size)
     conn.state = State.OPEN
     conn.parser = conn.parse()  # the parser a completed handshake leaves
     next(conn.parser)
+    return conn
+
+
+def websockets_reads(data: bytes, max_size: int | None) -> tuple[list[Frame], bool, bytes]:
+    """What websockets makes of ``data`` on an open connection: frames, error, leftover bytes."""
+    conn = open_server_protocol(max_size)
     conn.receive_data(data)
     frames = [e for e in conn.events_received() if isinstance(e, Frame)]
     return frames, conn.parser_exc is not None, bytes(conn.reader.buffer)
 
 
-def frame_bytes(opcode: int, payload: bytes, **kw: object) -> bytes:
-    return ws_frame(opcode, payload, **kw)  # type: ignore[arg-type]
-
-
 PAYLOADS = st.binary(max_size=40) | st.binary(min_size=120, max_size=300)
 FRAMES = st.one_of(
-    st.builds(lambda p: frame_bytes(2, p), PAYLOADS),  # what a game client sends
-    st.builds(lambda p: frame_bytes(2, p), PAYLOADS),
-    st.builds(lambda p: frame_bytes(2, p, fin=False), PAYLOADS),
-    st.builds(lambda p: frame_bytes(0, p), PAYLOADS),
-    st.builds(lambda p: frame_bytes(1, p), st.text(max_size=10).map(str.encode)),
-    st.builds(lambda p: frame_bytes(9, p), st.binary(max_size=8)),
-    st.builds(lambda p: frame_bytes(10, p), st.binary(max_size=8)),
-    st.builds(lambda p: frame_bytes(2, p, mask=False), st.binary(max_size=8)),
-    st.builds(lambda p: frame_bytes(2, p, rsv=4), st.binary(max_size=8)),
-    st.just(frame_bytes(2, b"", length=2**40)),
-    st.just(frame_bytes(8, b"\x03\xe8")),
+    st.builds(lambda p: ws_frame(2, p), PAYLOADS),  # what a game client sends
+    st.builds(lambda p: ws_frame(2, p), PAYLOADS),
+    st.builds(lambda p: ws_frame(2, p, fin=False), PAYLOADS),
+    st.builds(lambda p: ws_frame(0, p), PAYLOADS),
+    st.builds(lambda p: ws_frame(1, p), st.text(max_size=10).map(str.encode)),
+    st.builds(lambda p: ws_frame(9, p), st.binary(max_size=8)),
+    st.builds(lambda p: ws_frame(10, p), st.binary(max_size=8)),
+    st.builds(lambda p: ws_frame(2, p, mask=False), st.binary(max_size=8)),
+    st.builds(lambda p: ws_frame(2, p, rsv=4), st.binary(max_size=8)),
+    st.just(ws_frame(2, b"", length=2**40)),
+    st.just(ws_frame(8, b"\x03\xe8")),
 )
 
 
@@ -72,14 +73,6 @@ def test_split_takes_only_what_websockets_reads_as_the_same_binary_messages(
     assert not failed and not leftover
     assert [(f.opcode, f.fin) for f in parsed] == [(Opcode.BINARY, True)] * len(payloads)
     assert [f.data for f in parsed] == payloads
-
-
-def open_server_protocol(max_size: int | None) -> ServerProtocol:
-    conn = ServerProtocol(max_size=max_size)
-    conn.state = State.OPEN
-    conn.parser = conn.parse()  # the parser a completed handshake leaves
-    next(conn.parser)
-    return conn
 
 
 def messages_of(frames: list[Frame], partial: list[bytes]) -> list[tuple[str, bytes]]:
@@ -104,14 +97,14 @@ def unmasked_payload_frame(payload: bytes) -> bytes:
 
 
 VALID = st.one_of(
-    st.builds(lambda p: [frame_bytes(2, p)], PAYLOADS),
+    st.builds(lambda p: [ws_frame(2, p)], PAYLOADS),
     # A move whose bytes look like a whole frame: a read starting inside it must not pass.
-    st.builds(lambda p: [unmasked_payload_frame(frame_bytes(2, p))], st.binary(max_size=40)),
-    st.builds(lambda p: [frame_bytes(2, p)], PAYLOADS),
-    st.builds(lambda p: [frame_bytes(9, p)], st.binary(max_size=8)),
-    st.builds(lambda p: [frame_bytes(1, p)], st.text(max_size=10).map(str.encode)),
+    st.builds(lambda p: [unmasked_payload_frame(ws_frame(2, p))], st.binary(max_size=40)),
+    st.builds(lambda p: [ws_frame(2, p)], PAYLOADS),
+    st.builds(lambda p: [ws_frame(9, p)], st.binary(max_size=8)),
+    st.builds(lambda p: [ws_frame(1, p)], st.text(max_size=10).map(str.encode)),
     st.builds(
-        lambda a, b: [frame_bytes(2, a, fin=False), frame_bytes(9, b"x"), frame_bytes(0, b)], PAYLOADS, PAYLOADS
+        lambda a, b: [ws_frame(2, a, fin=False), ws_frame(9, b"x"), ws_frame(0, b)], PAYLOADS, PAYLOADS
     ),
 )
 
@@ -141,7 +134,7 @@ def test_every_chunking_of_a_stream_gives_websockets_messages(groups: list[list[
 def test_a_read_that_ends_inside_a_frame_keeps_the_next_read_from_the_shortcut() -> None:
     # A frame cut after its header and mask: websockets' buffer is empty, but the next
     # read is the rest of that frame, even though it looks like a whole frame itself.
-    inner = frame_bytes(2, b"ABCD")  # 10 bytes, the payload of the outer frame below
+    inner = ws_frame(2, b"ABCD")  # 10 bytes, the payload of the outer frame below
     outer = b"\x82\x8a" + b"\x00\x00\x00\x00" + inner  # mask 0: the payload is ``inner`` as is
     conn = open_server_protocol(MAX)
     assert read_binary_frames(conn, outer[:6]) is None  # half a frame: websockets parses it
@@ -154,9 +147,9 @@ def test_a_read_that_ends_inside_a_frame_keeps_the_next_read_from_the_shortcut()
 
 def test_a_new_binary_frame_in_the_middle_of_a_fragmented_message_stays_a_protocol_error() -> None:
     conn = open_server_protocol(MAX)
-    conn.receive_data(frame_bytes(2, b"first half", fin=False))  # a fragmented message begins
+    conn.receive_data(ws_frame(2, b"first half", fin=False))  # a fragmented message begins
     assert not conn.reader.buffer and conn.current_size is not None
-    intruder = frame_bytes(2, b"whole")  # must be a continuation, not a new message
+    intruder = ws_frame(2, b"whole")  # must be a continuation, not a new message
     assert read_binary_frames(conn, intruder) is None
     conn.receive_data(intruder)
     assert conn.parser_exc is not None  # websockets closes it 1002
@@ -165,18 +158,18 @@ def test_a_new_binary_frame_in_the_middle_of_a_fragmented_message_stays_a_protoc
 def test_split_takes_a_client_stream_of_binary_frames() -> None:
     sizes = [0, 1, 125, 126, 300, 65535]
     payloads = [os.urandom(n) for n in sizes]
-    data = b"".join(frame_bytes(2, p) for p in payloads)
+    data = b"".join(ws_frame(2, p) for p in payloads)
     assert split_binary_frames(data, None) == payloads
 
 
 @pytest.mark.parametrize(
     "data",
     [
-        frame_bytes(2, b"ab") + frame_bytes(9, b""),  # a ping after a move
-        frame_bytes(2, b"ab")[:-1],  # the move's last byte is still on its way
-        frame_bytes(2, b"ab", fin=False),  # a fragment
-        frame_bytes(2, b"x" * 70000),  # 64-bit length: left to websockets
-        frame_bytes(2, b"x" * 200),  # over max_size below
+        ws_frame(2, b"ab") + ws_frame(9, b""),  # a ping after a move
+        ws_frame(2, b"ab")[:-1],  # the move's last byte is still on its way
+        ws_frame(2, b"ab", fin=False),  # a fragment
+        ws_frame(2, b"x" * 70000),  # 64-bit length: left to websockets
+        ws_frame(2, b"x" * 200),  # over max_size below
     ],
     ids=["ping-after", "partial", "fragment", "64-bit-length", "over-max-size"],
 )
@@ -197,15 +190,15 @@ async def test_moves_arrive_in_order_however_the_client_cuts_its_writes(relay, r
     watcher = await open_client(relay.url, room, player="watcher")
     raw = await RawSocket.websocket(relay.port, room, "raw")
     try:
-        frames = [frame_bytes(2, move(seq)) for seq in range(1, 41)]
-        big = frame_bytes(2, msgpack.packb([1, 41, "x" * 300], use_bin_type=True))  # 16-bit length
+        frames = [ws_frame(2, move(seq)) for seq in range(1, 41)]
+        big = ws_frame(2, msgpack.packb([1, 41, "x" * 300], use_bin_type=True))  # 16-bit length
         writes = [
             b"".join(frames[0:5]),  # five moves in one read
             frames[5][:3],  # a move cut after its header byte...
             frames[5][3:] + frames[6][:1],  # ...finished with the start of the next
-            frames[6][1:] + frame_bytes(9, b"hi") + frames[7],  # a ping between moves
+            frames[6][1:] + ws_frame(9, b"hi") + frames[7],  # a ping between moves
             *[bytes([b]) for b in frames[8]],  # a move a byte at a time
-            frame_bytes(2, move(10)[:4], fin=False) + frame_bytes(0, move(10)[4:]),  # fragmented
+            ws_frame(2, move(10)[:4], fin=False) + ws_frame(0, move(10)[4:]),  # fragmented
             *frames[10:40],
             big[:100],
             big[100:],
@@ -233,7 +226,7 @@ async def test_moves_arrive_in_order_however_the_client_cuts_its_writes(relay, r
 async def test_an_unmasked_frame_after_good_moves_still_closes_1002(relay, room) -> None:
     raw = await RawSocket.websocket(relay.port, room, "raw")
     try:
-        assert await raw.send(frame_bytes(2, move(1)) + frame_bytes(2, move(2), mask=False))
+        assert await raw.send(ws_frame(2, move(1)) + ws_frame(2, move(2), mask=False))
         assert await raw.close_code() == 1002
     finally:
         await raw.close()

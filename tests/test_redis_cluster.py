@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from relay_client import Event, Join, State, connect, open_client
 
-from tests.helpers import collect, next_of
+from tests.helpers import next_of
 from tests.redisproc import command
-from tests.test_e2e_order import MOVES, room_messages, send_moves
+from tests.test_e2e_order import MOVES, one_gapless_order, watch_senders
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
@@ -42,11 +41,7 @@ async def test_one_order_across_two_relays_on_a_cluster(redis_cluster, redis_rel
     async with connect(a.url, room, player="w1") as w1, connect(b.url, room, player="w2") as w2:
         senders = [await open_client((a, b)[i % 2].url, room, player=f"s{i}") for i in range(2)]
         try:
-            expected = 2 * (MOVES + MOVES // 10)
-            done = lambda ms: len(room_messages(ms)) >= expected
-            watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
-            await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
-            seen1, seen2 = await asyncio.gather(*watching)
+            seen1, seen2 = await watch_senders((w1, w2), senders)
             late = await open_client(b.url, room, player="late")  # its snapshot comes from the room's shard
             assert {actor: v["score"][1] for actor, v in late.welcome.snapshot.items()} == {
                 s.actor: MOVES - 1 for s in senders
@@ -55,9 +50,5 @@ async def test_one_order_across_two_relays_on_a_cluster(redis_cluster, redis_rel
         finally:
             for s in senders:
                 await s.close()
-    order1 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen1)]
-    order2 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen2)]
-    assert order1 == order2
-    offsets = [o for _, _, o, _ in order1]
-    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    one_gapless_order(seen1, seen2)
     assert a.get_json("/rooms")["rooms"] == []  # everyone left: the room is gone from every shard

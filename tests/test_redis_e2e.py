@@ -11,7 +11,7 @@ from tests import test_e2e_resume as resume_suite
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, wait_until
 from tests.relayproc import RelayProcess, free_port
-from tests.test_e2e_order import MOVES, room_messages, send_moves
+from tests.test_e2e_order import assert_each_senders_order_kept, one_gapless_order, watch_senders
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
@@ -21,22 +21,11 @@ async def test_one_order_for_watchers_on_different_nodes(redis_server, redis_rel
     async with connect(a.url, room, player="w1") as w1, connect(b.url, room, player="w2") as w2:
         senders = [await open_client((a, b, a)[i].url, room, player=f"s{i}") for i in range(3)]
         try:
-            expected = 3 * (MOVES + MOVES // 10)
-            done = lambda ms: len(room_messages(ms)) >= expected
-            watching = [asyncio.create_task(collect(w, done, seconds=20)) for w in (w1, w2)]
-            await asyncio.gather(*(send_moves(s, f"s{i}", MOVES) for i, s in enumerate(senders)))
-            seen1, seen2 = await asyncio.gather(*watching)
+            seen1, seen2 = await watch_senders((w1, w2), senders)
         finally:
             for s in senders:
                 await s.close()
-    order1 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen1)]
-    order2 = [(type(m).__name__, m.actor, m.offset, m.data) for m in room_messages(seen2)]
-    assert order1 == order2
-    offsets = [o for _, _, o, _ in order1]
-    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))  # consecutive: nothing lost
-    for i, sender in enumerate(senders):  # each sender's own order is kept
-        own = [d[1] for kind, actor, _, d in order1 if kind == "Event" and actor == sender.actor]
-        assert own == list(range(MOVES))
+    assert_each_senders_order_kept(one_gapless_order(seen1, seen2), senders)
 
 
 async def test_late_joiner_on_another_node_is_consistent_with_the_order(redis_server, redis_relays, room):

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
-import time
 
 import pytest
-from relay_client import Error, Event, Leave, Resynced, State, connect, open_client
+from relay_client import Error, Event, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, ready, wait_until
-from tests.relayproc import timeout
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
