@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 
 import pytest
 from relay_client import Error, Event, Resynced, connect, open_client
@@ -110,3 +111,29 @@ async def test_a_cut_subscription_is_repaired_from_history_without_loss(redis_se
             assert not refused  # the mover's node never lost Redis
         finally:
             await mover.close()
+
+
+async def test_a_redis_that_stops_answering_counts_as_down_and_no_taken_move_is_lost(
+    redis_server, redis_relays, room
+):
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, redis_timeout_s=1.0)
+    x = await open_client(a.url, room, player="x", auto_resume=False)
+    y = await open_client(b.url, room, player="y", auto_resume=False)
+    try:
+        x.send_event("before")
+        assert (await next_of(y, Event)).data == "before"
+        redis_server.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            x.send_event("during")  # taken: the relay cannot know yet that Redis will not answer
+            wait_until(lambda: not ready(a), 10, "the relay to count a silent Redis as down")
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: ready(a) and ready(b), 15, "the backplane to come back")
+        x.send_event("after")
+        got = await collect(y, lambda ms: "after" in [m.data for m in ms if isinstance(m, Event)], 15)
+        # The taken move went out once the round trip could be made again: once, in order.
+        assert [m.data for m in got if isinstance(m, Event)] == ["during", "after"]
+        assert y.close_code is None and x.close_code is None
+    finally:
+        await x.close()
+        await y.close()
