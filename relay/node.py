@@ -12,6 +12,7 @@ each connection's writer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from relay.outbox import Batch, Outbox
 from relay.protocol import CloseCode, ErrorCode, MsgType
 from relay.room import Entry, Member, RoomState
 from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
+
+log = logging.getLogger("relay.node")
 
 
 @dataclass(eq=False, slots=True)
@@ -157,7 +160,7 @@ class Node:
                 seat.actor = resume.actor  # DIRECTs passed on from its old node may come before WELCOME
                 joined = await self.backplane.takeover(room.name, resume.actor, resume.secret, seat.player)
                 if joined is not None and resume.offset is not None and resume.epoch is not None:
-                    missed = self._replayable(await self.backplane.history(room.name, resume.offset, resume.epoch))
+                    missed = await self._missed(room.name, resume.offset, resume.epoch)
         except BaseException:
             room.joining.remove(seat)
             await self._forget_if_empty(room)
@@ -198,8 +201,18 @@ class Node:
         seat.wake()
         return joined
 
-    def _replayable(self, missed: list[Entry] | None) -> list[Entry] | None:
-        """The missed messages, or None (a fresh snapshot) when they pass ``max_replay_bytes``."""
+    async def _missed(self, room_name: str, offset: int, epoch: str) -> list[Entry] | None:
+        """What a resuming seat missed, or None (a fresh snapshot) when history cannot give
+        it all or it passes ``max_replay_bytes``.
+
+        Never raises: the seat is already taken over, and a failed read must not leave it
+        held in the backplane with no connection here to play or leave it.
+        """
+        try:
+            missed = await self.backplane.history(room_name, offset, epoch)
+        except Exception:
+            log.exception("reading %s's history for a resume failed; sending a fresh snapshot", room_name)
+            return None
         if missed is not None and sum(len(e.wire) for e in missed) > self.settings.max_replay_bytes:
             return None
         return missed
@@ -278,7 +291,7 @@ class Node:
         assert state is not None
         missed = None
         if offset is not None and epoch is not None:
-            missed = self._replayable(await self.backplane.history(room.name, offset, epoch))
+            missed = await self._missed(room.name, offset, epoch)
         old.outbox, old.wake, old.close, old.echo = seat.outbox, seat.wake, seat.close, seat.echo
         old.owner, old.send_framed = seat.owner, seat.send_framed
         old.after_offset = state.offset

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import redis
 from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
@@ -240,3 +241,34 @@ async def test_a_slow_reader_closed_with_4008_catches_up_from_history_on_the_oth
 ):
     a, b = redis_relays(redis_server.url, 2, **SLOW_READER)
     await slow_reader_catches_up(a, b, room)
+
+
+async def test_a_resume_whose_history_cannot_be_read_gets_a_fresh_snapshot(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    async with connect(b.url, room, player="watch", echo=True) as watch:
+        p = await open_client(a.url, room, player="p", auto_resume=False)
+        watch.send_event("before")
+        await next_of(p, Event)
+        actor, token, offset, epoch = p.actor, p.resume_token, p.offset, p.epoch
+        p.ws.transport.abort()
+        await drain(p)
+        await held_on(a, 1)
+        watch.send_event("while away")  # in the history to replay, as seen by the node resumed on
+        await collect(watch, lambda ms: "while away" in events(ms))
+        # The room's history in Redis is damaged: same ids, unreadable batches.
+        log = f"{{relay:{room}}}:log"
+        with redis.Redis(port=redis_server.port) as r:
+            ids = [entry_id for entry_id, _ in r.xrange(log)]
+            r.delete(log)
+            for entry_id in ids:
+                r.xadd(log, {"b": b"\xc1"}, id=entry_id)
+        again = await open_client(b.url, room, player="p", resume=token, offset=str(offset), epoch=epoch)
+        try:
+            # The seat is taken over all the same, with a fresh snapshot instead of a replay.
+            assert again.actor == actor and again.welcome.epoch == epoch and again.welcome.offset > offset
+            again.send_event("back")
+            assert (await next_of(watch, Event)).data == "back"
+        finally:
+            await again.close()
+        leave = await next_of(watch, Leave)  # no seat left behind: its close is the LEAVE
+        assert (leave.actor, leave.code) == (actor, 1000)
