@@ -55,6 +55,9 @@ class Seat:
     held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
     held_code: int = 0
     held_directs: list[bytes] | None = None  # made when a DIRECT arrives for a held seat
+    # Taken over from another node, which keeps and passes on the DIRECTs published before
+    # the takeover: this node takes DIRECTs only once the takeover shows in the room's stream.
+    arriving: bool = False
     owner: object = None  # the connection serving this seat now
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
@@ -76,6 +79,7 @@ class LocalRoom:
     state: RoomState | None = None  # mirror of the room, kept current by deliveries
     seats: dict[int, Seat] = field(default_factory=dict)
     joining: list[Seat] = field(default_factory=list)
+    arriving: list[Seat] = field(default_factory=list)  # seats taken over, their takeover not yet seen
     pending: list[Entry] = field(default_factory=list)
     rules: Rules | None = None  # the game rules of the room's type, if any
     view: RoomView | None = None
@@ -158,15 +162,19 @@ class Node:
                 )
             else:
                 seat.actor = resume.actor  # DIRECTs passed on from its old node may come before WELCOME
+                seat.arriving = True
+                room.arriving.append(seat)
                 joined = await self.backplane.takeover(room.name, resume.actor, resume.secret, seat.player)
                 if joined is not None and resume.offset is not None and resume.epoch is not None:
                     missed = await self._missed(room.name, resume.offset, resume.epoch)
         except BaseException:
             room.joining.remove(seat)
+            self._arrived(seat)
             await self._forget_if_empty(room)
             raise
         room.joining.remove(seat)
         if joined is None:
+            self._arrived(seat)
             seat.actor, seat.held_directs = 0, None  # no such seat: the caller may join afresh
             await self._forget_if_empty(room)
             return None
@@ -312,6 +320,21 @@ class Node:
         old.wake()
         self.stats.resumes["this_node"] += 1
         return old
+
+    def seat_arrived(self, room_name: str, actor: int) -> None:
+        """This node's takeover of ``actor``'s seat is in the room's stream: DIRECTs
+        published from here on are for this node to deliver (earlier ones, the seat's
+        old node passes on)."""
+        room = self.rooms.get(room_name)
+        for seat in room.arriving if room is not None else ():
+            if seat.actor == actor:
+                self._arrived(seat)
+                return
+
+    def _arrived(self, seat: Seat) -> None:
+        if seat.arriving:
+            seat.arriving = False
+            seat.room.arriving.remove(seat)
 
     def seat_moved(self, room_name: str, actor: int) -> None:
         """The seat's player resumed on another node: let the seat go here, without a LEAVE."""
@@ -461,6 +484,10 @@ class Node:
                     self._tell_rules(room, entry)
             if not entries:
                 return
+        if room.arriving:  # an entry sequenced after a takeover comes after its notice
+            last = entries[-1].offset
+            for seat in [s for s in room.arriving if 0 < s.after_offset < last]:
+                self._arrived(seat)
         for seat in room.joining:
             if seat.early is not None:
                 seat.early.append(entries)
@@ -520,15 +547,17 @@ class Node:
         if room is None:
             return
         seat = room.seats.get(to_actor)
-        if seat is not None and seat.held is None:
-            entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
-            self._push(seat, Batch(wire, [entry]), time.monotonic())
-            self.stats.messages_out[MsgType.DIRECT] += 1
-            return
         if seat is None:  # maybe a seat being taken over here, its DIRECTs passed on from its old node
             seat = next((s for s in room.joining if s.actor == to_actor), None)
             if seat is None:
                 return
+        elif seat.held is None and not seat.arriving:
+            entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
+            self._push(seat, Batch(wire, [entry]), time.monotonic())
+            self.stats.messages_out[MsgType.DIRECT] += 1
+            return
+        if seat.arriving:
+            return  # published before the takeover: the seat's old node keeps it, and passes it on
         if seat.held_directs is None:  # kept until the seat resumes (bounded)
             seat.held_directs = []
         seat.held_directs.append(wire)

@@ -272,3 +272,31 @@ async def test_a_resume_whose_history_cannot_be_read_gets_a_fresh_snapshot(redis
             await again.close()
         leave = await next_of(watch, Leave)  # no seat left behind: its close is the LEAVE
         assert (leave.actor, leave.code) == (actor, 1000)
+
+
+async def test_directs_sent_while_a_seat_moves_between_nodes_arrive_once_each(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2, max_held_directs=1000, **BUSY)
+    async with connect(b.url, room, player="sender") as sender:
+        p = await open_client(a.url, room, player="p", auto_resume=False)
+        actor, token = p.actor, p.resume_token
+        p.ws.transport.abort()
+        await drain(p)
+        await held_on(a, 1)
+        total = 400
+
+        async def send_directs() -> None:
+            for i in range(total):
+                sender.send_direct(actor, i)  # some kept by a, some by b while it takes the seat over
+                await asyncio.sleep(0.001)
+            await sender.flush()
+
+        sending = asyncio.create_task(send_directs())
+        await asyncio.sleep(0.05)
+        again = await open_client(b.url, room, player="p", resume=token, offset=str(p.offset), epoch=p.epoch)
+        try:
+            await sending
+            got = await collect(again, lambda ms: total - 1 in [m.data for m in ms if isinstance(m, Direct)], 10)
+        finally:
+            await again.close()
+    directs = [m.data for m in got if isinstance(m, Direct)]
+    assert sorted(directs) == list(range(total))  # each once: kept by a, passed on, or sent to b

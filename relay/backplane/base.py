@@ -51,6 +51,10 @@ class Receiver(Protocol):
 
     def deliver_direct(self, room: str, to_actor: int, wire: bytes) -> None: ...
 
+    def seat_arrived(self, room: str, actor: int) -> None:
+        """This node's takeover of ``actor``'s seat shows in the room's stream: DIRECTs
+        to it that follow are this node's to deliver."""
+
     def seat_moved(self, room: str, actor: int) -> None:
         """Another node took over this node's seat of ``actor`` (its player resumed there):
         let it go without a LEAVE, closing its connection here if it is still open."""

@@ -473,8 +473,10 @@ class RedisBackplane:
             assert self._receiver is not None
             if items[0] == 0:  # [0, to_actor, wire]: a DIRECT
                 self._receiver.deliver_direct(r.name, items[1], items[2])
-            elif items[0] == 1 and items[2].decode() != self.node_id:  # [1, actor, node]: a seat moved
-                if r.seated.pop(items[1], None) is not None:
+            elif items[0] == 1:  # [1, actor, node]: a seat moved to a node
+                if items[2].decode() == self.node_id:
+                    self._receiver.seat_arrived(r.name, items[1])
+                elif r.seated.pop(items[1], None) is not None:
                     self._receiver.seat_moved(r.name, items[1])
         elif r.holding is not None:
             r.holding.append(items)
