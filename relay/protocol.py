@@ -110,10 +110,6 @@ class Invalid:
 ClientMessage = Event | State | Direct | Ping | Invalid
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not accepted")
-
-
 def _is_int(value: Any) -> bool:
     return type(value) is int  # bool is an int subclass but not a valid seq or actor
 
@@ -133,8 +129,11 @@ def decode_frame(frame: bytes, *, max_message_bytes: int, max_depth: int = 32) -
         first = _first_event(frame, max_message_bytes, max_depth)
         if first is not None:
             event, rest = first
-            return [event, *_decode_frame(rest, max_message_bytes, max_depth)] if rest else [event]
-    return _decode_frame(frame, max_message_bytes, max_depth)
+            if not rest:
+                return [event]
+            # The whole frame's size bounds the rest's headers, as it would in one pass.
+            return [event, *_decode_frame(rest, max_message_bytes, max_depth, len(frame))]
+    return _decode_frame(frame, max_message_bytes, max_depth, len(frame))
 
 
 # The width of a msgpack integer, by its first byte (fixints are one byte).
@@ -159,11 +158,11 @@ def _first_event(frame: bytes, max_message_bytes: int, max_depth: int) -> tuple[
     data = frame[2 + width :]
     rest = b""
     try:
-        value = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=False)
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except msgpack.ExtraData as more:  # other messages follow this one
         value, rest = more.unpacked, more.extra
         data = data[: len(data) - len(rest)]
-    except Exception:  # noqa: BLE001 - truncated, not msgpack, an ext type: the general path
+    except Exception:  # noqa: BLE001 - truncated, not msgpack, a broken timestamp: the general path
         return None
     if len(data) > max_message_bytes:
         return None
@@ -176,12 +175,11 @@ def _first_event(frame: bytes, max_message_bytes: int, max_depth: int) -> tuple[
     return Event(seq, data), rest
 
 
-def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int) -> list[ClientMessage]:
+def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int, frame_size: int) -> list[ClientMessage]:
     unpacker = msgpack.Unpacker(
         None,
         raw=False,
-        max_buffer_size=max(len(frame), 1),
-        ext_hook=_reject_ext,
+        max_buffer_size=max(frame_size, 1),
         strict_map_key=False,
     )
     unpacker.feed(frame)
@@ -254,8 +252,8 @@ def _decode_message(
 def _raw_next(up: msgpack.Unpacker, frame: bytes, max_depth: int, fields_read: int = 0) -> bytes:
     """The next value's raw bytes.
 
-    Unpacked, not skipped: skip() would let extension types through (ext_hook
-    refuses them). The objects live only until this returns, and decoding is
+    Unpacked, not skipped: skip() would let a broken timestamp through (relayed, it
+    would be unreadable by every receiver), and the depth is checked. The objects live only until this returns, and decoding is
     synchronous, so the memory a frame can make the server allocate is a
     bounded, short-lived multiple of ``max_frame_bytes`` for the whole process.
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 import pytest
 
@@ -146,6 +148,31 @@ async def test_bad_messages_get_error_and_are_not_relayed(relay, room, frame, re
         await bad.send_raw(msgpack.packb([1, 10**6, "valid after"]))
         event = await next_of(good, Event)
         assert event.data == "valid after"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.ExtType(5, b"abc"),  # an application's own extension type
+        msgpack.Timestamp(1_700_000_000, 5),
+        {"inner": [msgpack.ExtType(127, b"\x00" * 40)], 7: None, b"bin": 1.5},
+        2**64 - 1,
+    ],
+    ids=["ext", "timestamp", "nested-ext-and-keys", "uint64-max"],
+)
+async def test_any_msgpack_value_is_data_relayed_byte_for_byte(relay, room, data):
+    raw = msgpack.packb(data)
+    sender = await raw_connect(relay.url, room, "?player=sender")
+    watcher = await raw_connect(relay.url, room, "?player=watcher")
+    try:
+        await raw_messages(sender)  # WELCOME
+        await raw_messages(watcher)
+        await sender.send(b"\x93\x01\x05" + raw)  # [1, 5, data], data encoded by the game
+        frame = await asyncio.wait_for(watcher.recv(), 5)
+        assert frame.startswith(b"\x95\x01\x01\x05" + raw)  # [1, from 1, seq 5, data, offset]
+    finally:
+        await sender.close()
+        await watcher.close()
 
 
 async def test_bad_seq_and_trailing_elements(relay, room):

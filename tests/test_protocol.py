@@ -275,10 +275,7 @@ def test_state_key_length_is_counted_in_utf8_bytes() -> None:
         (b"\x93\x01\x05\xdb\xff\xff\xff\xff", "data claiming 4 GB"),
         (b"\x93\x01\x05\xdd\xff\xff\xff\xff", "data array claiming 4G elements"),
         (b"\x93\x01\x05\xdf\xff\xff\xff\xff", "data map claiming 4G pairs"),
-        (b"\x91\xd4\x01\x00", "ext type as message type"),
-        (b"\x93\x01\xc7\x01\x05\x00\x00", "ext type as seq"),
-        (b"\x94\x02\x05\xd5\x07\x00\x00\x01", "ext type as STATE key"),
-        (b"\x94\x03\x05\xd4\x02\x00\x01", "ext type as to_actor"),
+        (b"\x93\x01\x05\xd4\xff\x00", "a timestamp ext of an impossible length in data"),
         (b"\x92\xa1\x01" + b"\x93\x01\x05\xa1\xff", "invalid UTF-8 in a string"),
     ],
 )
@@ -298,24 +295,38 @@ def test_ext_type_as_a_whole_message_is_malformed() -> None:
 
 
 @pytest.mark.parametrize(
-    "frame",
+    ("frame", "expected"),
     [
-        b"\x93\x01\x05\xd4\x01\x00",  # EVENT data
-        b"\x94\x02\x05\xa1k\xd4\x01\x00",  # STATE data
-        b"\x94\x03\x05\x02\xd4\x01\x00",  # DIRECT data
-        b"\x93\x01\x05\x91\xd4\x01\x00",  # nested in EVENT data
-        b"\x93\x01\x05\xd4\xff\x00",  # a timestamp ext of an impossible length
-        b"\x92\x09\xd4\x01\x00",  # PING client_time
+        (b"\x93\x01\x05\xd4\x01\x00", Event(5, b"\xd4\x01\x00")),
+        (b"\x93\x01\x0b\xc7\x03\x05abc", Event(11, b"\xc7\x03\x05abc")),
+        (b"\x94\x02\x05\xa1k\xd4\x01\x00", State(5, "k", b"\xd4\x01\x00")),
+        (b"\x94\x03\x05\x02\xd4\x01\x00", Direct(5, 2, b"\xd4\x01\x00")),
+        (b"\x93\x01\x05\x91\xd4\x01\x00", Event(5, b"\x91\xd4\x01\x00")),
+        (b"\x93\x01\x05\xd6\xff\x00\x00\x00\x01", Event(5, b"\xd6\xff\x00\x00\x00\x01")),
+        (b"\x92\x09\xd4\x01\x00", Ping(b"\xd4\x01\x00")),
     ],
-    ids=["event", "state", "direct", "nested", "bad-timestamp", "ping"],
+    ids=["event", "ext8", "state", "direct", "nested", "timestamp", "ping"],
 )
-def test_ext_type_in_relayed_data_is_refused(frame: bytes) -> None:
-    result = decode(frame)
-    assert not any(isinstance(m, (Event, State, Direct, Ping)) for m in result)
-    malformed_frame(result)
+def test_ext_types_in_data_are_data_relayed_as_sent(frame: bytes, expected: Any) -> None:
+    # The protocol: data is any msgpack value the game chooses.
+    assert decode(frame) == [expected]
 
 
-def test_why_ext_in_data_must_be_refused() -> None:
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (b"\x91\xd4\x01\x00", Invalid(None, ErrorCode.MALFORMED, "message type (element 0) must be an integer")),
+        (b"\x93\x01\xc7\x01\x05\x00\x00", Invalid(None, ErrorCode.MALFORMED, "seq (element 1) must be an integer")),
+        (b"\x94\x02\x05\xd5\x07\x00\x00\x01", Invalid(5, ErrorCode.MALFORMED, "STATE key must be a string or an integer")),
+        (b"\x94\x03\x05\xd4\x02\x00\x01", Invalid(5, ErrorCode.MALFORMED, "DIRECT to_actor must be an integer")),
+    ],
+    ids=["type", "seq", "key", "to_actor"],
+)
+def test_ext_type_where_the_protocol_wants_an_integer_or_key_is_malformed(frame: bytes, expected: Invalid) -> None:
+    assert decode(frame) == [expected]
+
+
+def test_why_a_broken_timestamp_in_data_must_be_refused() -> None:
     # Relayed as is, a bad timestamp ext would be unreadable by every receiver.
     wire = protocol.with_offset(protocol.event_head(1, 5, b"\xd4\xff\x00"), 1)
     with pytest.raises(ValueError):
@@ -476,8 +487,8 @@ def test_skippable_bad_message_hides_nothing(bad: bytes, code: ErrorCode) -> Non
 
 @pytest.mark.parametrize(
     "bad",
-    [b"\xc1", b"\x93\x01\x05", b"\x91" * 5000 + b"\xc0", b"\xdd\xff\xff\xff\xff", b"\x91\xd4\x01\x00"],
-    ids=["0xc1", "truncated", "deep", "huge-header", "ext-type"],
+    [b"\xc1", b"\x93\x01\x05", b"\x91" * 5000 + b"\xc0", b"\xdd\xff\xff\xff\xff", b"\x93\x01\x05\xd4\xff\x00"],
+    ids=["0xc1", "truncated", "deep", "huge-header", "broken-timestamp"],
 )
 def test_unskippable_bad_message_keeps_the_messages_before_it(bad: bytes) -> None:
     result = decode(GOOD_1 + GOOD_2 + bad)
@@ -715,20 +726,9 @@ def test_random_msgpack_values_never_raise(values: list[Any]) -> None:
     frame = b"".join(packb(v) for v in values)
     result = decode(frame)
     check_decoded(result)
-    # Each well-formed array (hashable keys, no ext) is one message: nothing is lost.
-    # An ext value where the decoder unpacks ends the frame (test_ext_type_in_relayed_data...).
-    if all(isinstance(v, list) for v in values) and not has_ext(values):
+    # Each well-formed array (ext values included) is one message: nothing is lost.
+    if all(isinstance(v, list) for v in values):
         assert len(result) == len(values)
-
-
-def has_ext(value: Any) -> bool:
-    if isinstance(value, msgpack.ExtType):
-        return True
-    if isinstance(value, list):
-        return any(has_ext(v) for v in value)
-    if isinstance(value, dict):
-        return any(has_ext(v) for v in value.values())
-    return False
 
 
 MOVES = st.one_of(
@@ -787,7 +787,7 @@ LONE_EVENT_LIKE = st.one_of(
 @settings(FAST, max_examples=600)
 @given(LONE_EVENT_LIKE, st.sampled_from([8, 1 << 20, 1 << 20]), st.sampled_from([1, 2, 32, 32]))
 def test_first_event_shortcut_answers_as_the_general_decoder(frame: bytes, limit: int, depth: int) -> None:
-    expected = protocol._decode_frame(frame, limit, depth)
+    expected = protocol._decode_frame(frame, limit, depth, len(frame))
     assert protocol.decode_frame(frame, max_message_bytes=limit, max_depth=depth) == expected
 
 
