@@ -183,7 +183,7 @@ class Node:
             seat.secret, seat.last_seq = resume.secret, joined.last_seq
         seat.resume_token = f"{seat.actor}.{seat.secret}"
         if room.state is None or room.state.epoch != joined.epoch:
-            room.state = _mirror(room.name, joined)
+            room.state = _mirror(room.name, joined, self.settings.history_size)
             self._start_rules(room)
         early, seat.early = seat.early or [], None
         room.seats[seat.actor] = seat
@@ -192,7 +192,7 @@ class Node:
         seen = joined.offset  # the seat has the room up to here
         if missed is not None:
             assert resume is not None and resume.offset is not None
-            seat.outbox.push_control(self._welcome(seat, replace(joined, offset=resume.offset)), now)
+            seat.outbox.push_control(self._welcome(seat, _as_of(joined, room.state, resume.offset)), now)
             self._replay(seat, missed, now)
             # What this node has delivered so far may end before the takeover's offset:
             # the rest comes through deliver(), so the seat must take it from here.
@@ -304,15 +304,16 @@ class Node:
         old.owner, old.send_framed = seat.owner, seat.send_framed
         old.after_offset = state.offset
         now = time.monotonic()
-        welcome_offset = offset if missed is not None and offset is not None else state.offset
         joined = Joined(
             # With Redis the mirror can lag behind the seat (its JOIN still on the way).
             member=state.members.get(old.actor) or Member(old.actor, old.player, old.meta),
             members=state.member_list(),
             snapshot={actor: dict(values) for actor, values in state.snapshot.items()},
-            offset=welcome_offset,
+            offset=state.offset,
             epoch=state.epoch,
         )
+        if missed is not None and offset is not None:
+            joined = _as_of(joined, state, offset)
         old.outbox.push_control(self._welcome(old, joined), now)
         if missed:
             self._replay(old, missed, now)
@@ -706,8 +707,22 @@ def _decode(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
-def _mirror(name: str, joined: Joined) -> RoomState:
-    state = RoomState(name, epoch=joined.epoch, offset=joined.offset)
+def _as_of(joined: Joined, state: RoomState, offset: int) -> Joined:
+    """A resume's WELCOME: the member list and snapshot as they were at ``offset``, which
+    the replay that follows then brings up to date. Where the mirror's undo log does not
+    reach back that far (a room new to this node), they stay as they are now: replaying
+    over them ends in the same state, since STATE is last-write-wins and JOIN and LEAVE
+    are idempotent."""
+    at = state.rewound(offset)
+    if at is None:
+        return replace(joined, offset=offset)
+    members, snapshot = at
+    return replace(joined, members=members, snapshot=snapshot, offset=offset)
+
+
+def _mirror(name: str, joined: Joined, undo_size: int) -> RoomState:
+    # The undo log is as long as the history a resume can replay.
+    state = RoomState(name, epoch=joined.epoch, offset=joined.offset, undo_size=undo_size, undo_floor=joined.offset)
     for actor, player, meta in joined.members:
         state.members[actor] = Member(actor, player, meta)
     state.snapshot = {actor: dict(values) for actor, values in joined.snapshot.items()}

@@ -65,6 +65,11 @@ class RoomState:
     history_size: int = 0
     # The last history_size entries, kept lean for resume: (offset, actor, kind, wire).
     history: deque[tuple[int, int, MsgType, bytes]] | None = None  # made on first use
+    # How to undo the last undo_size changes to members and snapshot, for a resume's
+    # WELCOME (see :meth:`rewound`): (offset, kind, actor, key, what was there before).
+    undo_size: int = 0
+    undo: deque[tuple[int, MsgType, int, Any, Any]] | None = None  # made on first use
+    undo_floor: int = 0  # the undo log holds every change after this offset
 
     def new_actor(self) -> int:
         actor = self.next_actor
@@ -109,6 +114,8 @@ class RoomState:
             if entry.actor not in self.members:
                 return  # a late STATE from a member that already left changes nothing
             values = self.snapshot.setdefault(entry.actor, {})
+            if self.undo_size:
+                self._remember(entry, entry.key, values.get(entry.key))  # type: ignore[arg-type]
             if entry.value == protocol.NIL:
                 values.pop(entry.key, None)  # type: ignore[arg-type]
                 if not values:
@@ -117,13 +124,53 @@ class RoomState:
                 values[entry.key] = entry.value  # type: ignore[index]
         elif kind is MsgType.JOIN:
             assert entry.member is not None
+            if self.undo_size:
+                self._remember(entry, None, None)
             self.members[entry.actor] = entry.member
             self.next_actor = max(self.next_actor, entry.actor + 1)
         elif kind is MsgType.LEAVE:
-            self.members.pop(entry.actor, None)
-            self.snapshot.pop(entry.actor, None)
+            member = self.members.pop(entry.actor, None)
+            values = self.snapshot.pop(entry.actor, None)
+            if self.undo_size and member is not None:
+                self._remember(entry, None, (member, values))
         if entry.offset:
             self.offset = entry.offset
+
+    def _remember(self, entry: Entry, key: Any, before: Any) -> None:
+        undo = self.undo
+        if undo is None:
+            undo = self.undo = deque()
+        undo.append((entry.offset, entry.kind, entry.actor, key, before))
+        if len(undo) > self.undo_size:
+            self.undo_floor = undo.popleft()[0]
+
+    def rewound(self, offset: int) -> tuple[list[tuple[int, str, dict[str, Any]]], dict[int, dict[str | int, bytes]]] | None:
+        """The member list and snapshot as they were at ``offset``; None when the undo
+        log no longer reaches back that far."""
+        if offset < self.undo_floor or offset > self.offset or (not self.undo_size and offset < self.offset):
+            return None
+        members = dict(self.members)
+        snapshot = {actor: dict(values) for actor, values in self.snapshot.items()}
+        for at, kind, actor, key, before in reversed(self.undo or ()):
+            if at <= offset:
+                break
+            if kind is MsgType.STATE:
+                values = snapshot.setdefault(actor, {})
+                if before is None:
+                    values.pop(key, None)
+                    if not values:
+                        del snapshot[actor]
+                else:
+                    values[key] = before
+            elif kind is MsgType.JOIN:
+                members.pop(actor, None)
+                snapshot.pop(actor, None)
+            else:  # LEAVE: the member comes back, with its STATE
+                member, values = before
+                members[actor] = member
+                if values:
+                    snapshot[actor] = dict(values)
+        return [members[a].as_wire() for a in sorted(members)], snapshot
 
     def member_list(self) -> list[tuple[int, str, dict[str, Any]]]:
         return [m.as_wire() for m in self.members.values()]

@@ -63,3 +63,10 @@ async def raw_close_code(ws: Any, seconds: float = 5) -> tuple[int | None, str]:
             pass
     rcvd = ws.protocol.close_rcvd
     return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+
+
+async def held_on(relay: Any, count: int, seconds: float = 5) -> None:
+    """Wait until the relay holds ``count`` seats for a resume (it noticed the broken links)."""
+    async with asyncio.timeout(timeout(seconds)):
+        while f"relay_seats_held {count:.1f}" not in relay.get_text("/metrics"):
+            await asyncio.sleep(0.02)  # polling another process's state

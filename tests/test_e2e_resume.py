@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from relay_client import Event, Join, Leave, Resumed, Resynced, connect, open_client
-from tests.helpers import collect, next_of, raw_connect, raw_messages
+from relay_client import Event, Join, Leave, Resumed, Resynced, State, connect, open_client
+from tests.helpers import collect, held_on, next_of, raw_connect, raw_messages
 
 pytestmark = pytest.mark.asyncio
 
@@ -133,3 +133,43 @@ async def test_a_slow_reader_closed_with_4008_catches_up_from_history(relay_with
 
     server = relay_with(**SLOW_READER)
     await slow_reader_catches_up(server, server, room)
+
+
+async def test_a_resume_welcome_is_the_room_at_the_clients_offset_then_what_followed(relay, room):
+    await resume_welcome_is_the_room_at_the_clients_offset(relay, relay, room)
+
+
+async def resume_welcome_is_the_room_at_the_clients_offset(first, second, room) -> None:
+    """a plays on ``first``, b and c on ``second``, where a resumes.
+
+    Black-box, as the protocol puts it: WELCOME's offset is the one its snapshot and
+    member list include, and a resume's WELCOME is followed by exactly what came after.
+    """
+    a = await raw_connect(first.url, room, "?player=a")
+    [welcome] = await raw_messages(a)
+    epoch, token = welcome[9], welcome[10]
+    async with connect(second.url, room, player="b") as b:
+        c = await open_client(second.url, room, player="c", auto_resume=False)
+        b.send_state("k", "v0")
+        seen: list = []
+        while not any(m[0] == 2 for m in seen):
+            seen += await raw_messages(a)
+        offset = seen[-1][4]  # the client's view ends at the STATE
+        a.transport.abort()  # the network drops
+        await held_on(first, 1)
+        b.send_state("k", "v1")
+        await collect(c, lambda ms: any(isinstance(m, State) and m.data == "v1" for m in ms))
+        await c.close()
+        assert (await next_of(b, Leave)).actor == c.actor
+        again = await raw_connect(second.url, room, f"?player=a&resume={token}&offset={offset}&epoch={epoch}")
+        try:
+            got = await raw_messages(again)
+            while got[-1][0] != 6:
+                got += await raw_messages(again)
+        finally:
+            await again.close()
+    [resumed, *replay] = got
+    assert resumed[2] == welcome[2] and resumed[8] == offset
+    assert resumed[4] == [[welcome[2], "a", {}], [b.actor, "b", {}], [c.actor, "c", {}]]  # c was still there
+    assert resumed[5] == {b.actor: {"k": "v0"}}  # and k was v0
+    assert replay == [[2, b.actor, "k", "v1", offset + 1], [6, c.actor, 1000, offset + 2]]

@@ -10,8 +10,8 @@ import pytest
 import redis
 from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
 
-from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
-from tests.test_e2e_resume import events, history_too_short_gives_a_fresh_snapshot
+from tests.helpers import closed, collect, held_on, next_of, raw_connect, raw_messages
+from tests.test_e2e_resume import events, history_too_short_gives_a_fresh_snapshot, resume_welcome_is_the_room_at_the_clients_offset
 from tests.test_e2e_backpressure import HARD, SOFT, drain_slow, run_room
 from tests.relayproc import timeout
 
@@ -33,13 +33,6 @@ async def drain(client) -> list:
             got.append(await client.recv(timeout=timeout(5)))
     except RelayClosed:
         return got
-
-
-async def held_on(relay, count: int, seconds: float = 5) -> None:
-    """Wait until the relay holds ``count`` seats for a resume (it noticed the broken links)."""
-    async with asyncio.timeout(timeout(seconds)):
-        while f"relay_seats_held {count:.1f}" not in relay.get_text("/metrics"):
-            await asyncio.sleep(0.02)  # polling another process's state
 
 
 async def exited(relay, seconds: float = 15) -> None:
@@ -119,6 +112,11 @@ async def test_a_history_too_short_gives_a_fresh_snapshot_on_the_other_node(redi
     a, b = redis_relays(redis_server.url, 2, history_size=5, **BUSY)
     # Redis trims the history in whole stream nodes of 100: 300 moves pass 5 for sure.
     await history_too_short_gives_a_fresh_snapshot(a, b, room, moves=300)
+
+
+async def test_a_resume_welcome_on_the_other_node_is_the_room_at_the_clients_offset(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    await resume_welcome_is_the_room_at_the_clients_offset(a, b, room)
 
 
 async def test_a_killed_nodes_players_resume_on_the_other_node_and_resend_once(redis_server, redis_relays, room):

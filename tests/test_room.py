@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import protocol
 from relay.protocol import MsgType
@@ -242,3 +244,70 @@ def test_welcome_from_room_state_reads_back() -> None:
     message = unpack_one(wire)
     assert message[3:6] == ["grid:lobby", [[1, "ann", {}]], {1: {"pos": [0, 0]}}]
     assert message[8:10] == [2, room.epoch]
+
+
+# --- a resume's WELCOME: the room as it was at the client's offset ----------------------
+
+# A room's life as steps: ("join",), ("state", member index, key, value or None), ("leave", member index), ("event", i).
+STEPS = st.lists(
+    st.one_of(
+        st.just(("join",)),
+        st.tuples(st.just("state"), st.integers(0, 5), st.sampled_from(["a", "b", 1]), st.none() | st.integers(0, 3)),
+        st.tuples(st.just("leave"), st.integers(0, 5)),
+        st.tuples(st.just("event"), st.integers(0, 3)),
+    ),
+    max_size=40,
+)
+
+
+def lived(steps: list[tuple[Any, ...]]) -> tuple[RoomState, list[Entry]]:
+    """The authority after ``steps``, and every entry it sequenced."""
+    room = RoomState("r")
+    actors: list[int] = []
+    entries: list[Entry] = []
+    for step in steps:
+        if step[0] == "join":
+            member = Member(room.new_actor(), f"p{len(actors)}", {})
+            actors.append(member.actor)
+            batch = [join_entry(member)]
+        elif not actors:
+            continue
+        elif step[0] == "state":
+            batch = [state_entry(actors[step[1] % len(actors)], step[2], packb(step[3]))]
+        elif step[0] == "leave":
+            batch = [leave_entry(actors[step[1] % len(actors)], 1000)]
+        else:
+            batch = [event_entry(actors[0], step[1], packb(step[1]))]
+        room.sequence(batch)
+        entries += batch
+    return room, entries
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(STEPS, st.integers(0, 8), st.data())
+def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_size, data) -> None:
+    authority, entries = lived(steps)
+    start = data.draw(st.integers(0, len(entries)), label="mirror made at")
+    mirror = RoomState("r", epoch=authority.epoch, undo_size=undo_size, undo_floor=start)
+    replayed, _ = lived([])  # the room up to ``start``, as a mirror made from a WELCOME would be
+    for entry in entries[:start]:
+        replayed.apply(entry)
+    mirror.offset, mirror.members, mirror.snapshot = start, dict(replayed.members), {
+        a: dict(v) for a, v in replayed.snapshot.items()
+    }
+    for entry in entries[start:]:
+        mirror.apply(entry)
+    for offset in range(len(entries) + 1):
+        at = mirror.rewound(offset)
+        if at is None:
+            continue
+        back_then, _ = lived([])
+        for entry in entries[:offset]:
+            back_then.apply(entry)
+        assert at == (back_then.member_list(), back_then.snapshot), offset
+    # It always reaches back over the last undo_size changes, and never claims to reach
+    # before the mirror was made.
+    changes = [e.offset for e in entries[start:] if e.kind is not MsgType.EVENT]
+    reach = changes[-undo_size - 1] if undo_size and len(changes) > undo_size else start
+    assert mirror.rewound(max(reach, start)) is not None or not undo_size
+    assert start == 0 or mirror.rewound(start - 1) is None
