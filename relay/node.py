@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -207,6 +207,10 @@ class Node:
         seat.after_offset = seen
         self._push_held_directs(seat, now)
         seat.wake()
+        if any(e.kind is MsgType.LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in _flat(early)):
+            # Its player joined again while this join was on its way (with Redis, the JOIN
+            # reply can come after the room's LEAVE for it): the room has replaced it already.
+            self.loop.call_soon(lambda: self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True))
         return joined
 
     async def _missed(self, room_name: str, offset: int, epoch: str) -> list[Entry] | None:
@@ -705,6 +709,11 @@ def _seq_of(entry: Entry) -> int | None:
 
 def _decode(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+def _flat(batches: list[list[Entry]]) -> Iterator[Entry]:
+    for entries in batches:
+        yield from entries
 
 
 def _as_of(joined: Joined, state: RoomState, offset: int) -> Joined:

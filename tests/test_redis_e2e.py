@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 from relay_client import Direct, Event, Join, Leave, State, connect, open_client
 
 from tests import test_e2e_resume as resume_suite
-from tests.helpers import closed, collect, next_of
+from tests.helpers import closed, collect, next_of, raw_close_code, raw_connect, raw_messages
 from tests.redisproc import command, wait_until
 from tests.relayproc import RelayProcess, free_port
 from tests.test_e2e_order import assert_each_senders_order_kept, one_gapless_order, watch_senders
@@ -169,3 +170,27 @@ async def test_resume_suite_on_the_redis_backplane(case, redis_server, redis_rel
     """The resume tests of the memory backplane, on a node whose history comes from Redis."""
     (a,) = redis_relays(redis_server.url, 1)
     await case(a, room)
+
+
+async def test_the_same_player_joining_many_times_at_once_keeps_one_connection(redis_server, redis_relays, room):
+    a, b = redis_relays(redis_server.url, 2)
+    async with connect(a.url, room, player="watch") as watch:
+        tries = [(a if i % 2 else b).url for i in range(8)]
+        sockets = await asyncio.gather(*(raw_connect(url, room, "?player=same") for url in tries))
+        try:
+            actors = [(await raw_messages(ws))[0][2] for ws in sockets]
+            seen = await collect(
+                watch, lambda ms: sum(isinstance(m, Join) for m in ms) == 8 and sum(isinstance(m, Leave) for m in ms) == 7
+            )
+            left = [m for m in seen if isinstance(m, Leave)]
+            assert {m.code for m in left} == {4409}
+            [kept] = {m.actor for m in seen if isinstance(m, Join)} - {m.actor for m in left}
+            for actor, ws in zip(actors, sockets):
+                if actor == kept:  # the last one in the room's order stays, and plays
+                    await ws.send(msgpack.packb([1, 1, "still here"]))
+                    assert (await next_of(watch, Event)).data == "still here"
+                else:  # every other one is closed as replaced, not left playing as a ghost
+                    assert (await raw_close_code(ws))[0] == 4409
+        finally:
+            for ws in sockets:
+                await ws.close()
