@@ -49,6 +49,9 @@ class Settings:
     errors_window_s: float = _setting(10.0, "window for max_errors")
     max_rate_errors: int = _setting(100, "rate_limited answers per errors_window_s; then 4029")
     max_players_per_room: int = _setting(256, "members in one room; the next joiner gets 4009")
+    max_snapshot_bytes: int = _setting(
+        262144, "a room's STATE in all (each key counts 64 bytes plus its value); past it: ERROR too_large"
+    )
     max_connections: int = _setting(20000, "open WebSockets per process; the next gets 1013")
     max_connections_per_ip: int = _setting(4096, "open WebSockets per client IP; the next gets 1013")
     max_rooms: int = _setting(10000, "rooms with players on this process; a new one gets 1013")
@@ -82,7 +85,7 @@ class Settings:
                 raise ValueError(f"{f.name} must be a finite number >= 0, not {value!r}")
         for name in ("port", "workers", "max_frame_bytes", "max_message_bytes", "max_msgs_per_s",
                      "burst", "max_bytes_per_s", "max_players_per_room", "max_connections",
-                     "max_connections_per_ip", "max_rooms", "outbox_soft_bytes",
+                     "max_connections_per_ip", "max_rooms", "outbox_soft_bytes", "max_snapshot_bytes",
                      "outbox_hard_bytes", "max_out_frame_bytes", "max_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0")
@@ -116,6 +119,7 @@ class Settings:
             "max_bytes_per_s": self.max_bytes_per_s,
             "max_depth": self.max_depth,
             "max_players_per_room": self.max_players_per_room,
+            "max_snapshot_bytes": self.max_snapshot_bytes,
             "outbox_hard_bytes": self.outbox_hard_bytes,
         }
 

@@ -370,6 +370,11 @@ class Connection:
                     continue
             elif kind is State:
                 stats.messages_in["STATE"] += 1
+                if node.snapshot_would_overflow(seat, msg.key, data):  # type: ignore[union-attr]
+                    why = f"the room's snapshot would pass max_snapshot_bytes ({s.max_snapshot_bytes})"
+                    if self._reject(Invalid(msg.seq, ErrorCode.TOO_LARGE, why), now):  # type: ignore[union-attr]
+                        return
+                    continue
                 if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq):  # type: ignore[union-attr]
                     continue
             else:

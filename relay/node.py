@@ -28,7 +28,7 @@ from relay.frames import binary_frame
 from relay.metrics import Stats
 from relay.outbox import Batch, Outbox
 from relay.protocol import CloseCode, ErrorCode, MsgType
-from relay.room import Entry, Member, RoomState
+from relay.room import Entry, Member, RoomState, snapshot_cost
 from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
 
 log = logging.getLogger("relay.node")
@@ -81,6 +81,10 @@ class LocalRoom:
     joining: list[Seat] = field(default_factory=list)
     arriving: list[Seat] = field(default_factory=list)  # seats taken over, their takeover not yet seen
     pending: list[Entry] = field(default_factory=list)
+    # STATEs taken but not yet published: their keys' costs (0: deleted), and what they
+    # change the snapshot's size by, so that max_snapshot_bytes holds within a batch too.
+    pending_state: dict[tuple[int, str | int], int] = field(default_factory=dict)
+    pending_state_change: int = 0
     rules: Rules | None = None  # the game rules of the room's type, if any
     view: RoomView | None = None
     last_publish: float = -1e9  # loop time of the room's last published batch
@@ -407,6 +411,11 @@ class Node:
             if not self._publish_scheduled:
                 self._publish_scheduled = True
                 self.loop.call_soon(self._publish_all)
+        if entry.kind is MsgType.STATE:
+            room.pending_state_change += self._state_change(room, entry.actor, entry.key, entry.value)  # type: ignore[arg-type]
+            room.pending_state[(entry.actor, entry.key)] = (  # type: ignore[index]
+                0 if entry.value == protocol.NIL else snapshot_cost(entry.value)  # type: ignore[arg-type]
+            )
         room.pending.append(entry)
         if seq is not None:
             seat.last_seq = seq  # taken: recorded with the batch that carries it (see _publish_room)
@@ -425,6 +434,25 @@ class Node:
             self._publish_room(room)
         self.backplane.direct(room.name, to_actor, protocol.direct(seat.actor, seq, data), seat.actor, seq)
         return True
+
+    def snapshot_would_overflow(self, seat: Seat, key: str | int, data: bytes) -> bool:
+        """Whether setting ``key`` to ``data`` would take the room's snapshot past
+        ``max_snapshot_bytes``, as this node sees the room with the STATEs it has taken
+        (with Redis, not those of other nodes still on their way: one round trip's worth)."""
+        room = seat.room
+        change = self._state_change(room, seat.actor, key, data)
+        if change <= 0 or room.state is None:
+            return False
+        return room.state.snapshot_size + room.pending_state_change + change > self.settings.max_snapshot_bytes
+
+    def _state_change(self, room: LocalRoom, actor: int, key: str | int, data: bytes) -> int:
+        """How much setting (or, with nil, deleting) ``key`` changes the snapshot's size."""
+        slot = (actor, key)
+        now = room.pending_state.get(slot)
+        if now is None:
+            before = room.state.snapshot.get(actor, {}).get(key) if room.state is not None else None
+            now = snapshot_cost(before) if before is not None else 0
+        return (0 if data == protocol.NIL else snapshot_cost(data)) - now
 
     def _unavailable(self, seat: Seat, seq: int | None) -> None:
         self.stats.errors[ErrorCode.UNAVAILABLE.value] += 1
@@ -462,6 +490,9 @@ class Node:
     def _publish_room(self, room: LocalRoom) -> None:
         if room.pending:
             entries, room.pending = room.pending, []
+            if room.pending_state:  # from here on the room's order counts them
+                room.pending_state.clear()
+                room.pending_state_change = 0
             room.last_publish = self.loop.time()
             seqs = None
             if self._keeps_seqs:  # for a takeover elsewhere: what the room has from each seat
@@ -735,4 +766,5 @@ def _mirror(name: str, joined: Joined, undo_size: int) -> RoomState:
     for actor, player, meta in joined.members:
         state.members[actor] = Member(actor, player, meta)
     state.snapshot = {actor: dict(values) for actor, values in joined.snapshot.items()}
+    state.snapshot_size = sum(snapshot_cost(v) for values in state.snapshot.values() for v in values.values())
     return state

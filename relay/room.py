@@ -62,6 +62,7 @@ class RoomState:
     next_actor: int = 1
     members: dict[int, Member] = field(default_factory=dict)
     snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
+    snapshot_size: int = 0  # what the snapshot counts against max_snapshot_bytes (see snapshot_cost)
     history_size: int = 0
     # The last history_size entries, kept lean for resume: (offset, actor, kind, wire).
     history: deque[tuple[int, int, MsgType, bytes]] | None = None  # made on first use
@@ -114,14 +115,18 @@ class RoomState:
             if entry.actor not in self.members:
                 return  # a late STATE from a member that already left changes nothing
             values = self.snapshot.setdefault(entry.actor, {})
+            before = values.get(entry.key)  # type: ignore[arg-type]
             if self.undo_size:
-                self._remember(entry, entry.key, values.get(entry.key))  # type: ignore[arg-type]
+                self._remember(entry, entry.key, before)
+            if before is not None:
+                self.snapshot_size -= snapshot_cost(before)
             if entry.value == protocol.NIL:
                 values.pop(entry.key, None)  # type: ignore[arg-type]
                 if not values:
                     del self.snapshot[entry.actor]
             else:
                 values[entry.key] = entry.value  # type: ignore[index]
+                self.snapshot_size += snapshot_cost(entry.value)  # type: ignore[arg-type]
         elif kind is MsgType.JOIN:
             assert entry.member is not None
             if self.undo_size:
@@ -131,6 +136,8 @@ class RoomState:
         elif kind is MsgType.LEAVE:
             member = self.members.pop(entry.actor, None)
             values = self.snapshot.pop(entry.actor, None)
+            if values:
+                self.snapshot_size -= sum(snapshot_cost(v) for v in values.values())
             if self.undo_size and member is not None:
                 self._remember(entry, None, (member, values))
         if entry.offset:
@@ -183,6 +190,14 @@ class RoomState:
             if member.player == player:
                 return member
         return None
+
+
+KEY_COST = 64  # what a snapshot key counts against max_snapshot_bytes: the longest a key may be
+
+
+def snapshot_cost(value: bytes) -> int:
+    """What one key and its value count against ``max_snapshot_bytes``."""
+    return KEY_COST + len(value)
 
 
 def event_entry(actor: int, seq: int, data: bytes) -> Entry:

@@ -243,6 +243,25 @@ async def test_full_room_closes_4009(relay_with, room):
         assert info.value.code == 4009
 
 
+async def test_the_room_snapshot_is_bounded_by_max_snapshot_bytes(relay_with, room):
+    server = relay_with(max_snapshot_bytes=2000)  # each key counts 64 bytes plus its value
+    async with connect(server.url, room, player="a", echo=True) as a, connect(server.url, room, player="b") as b:
+        value = "x" * 400
+        seqs = [a.send_state(k, value) for k in range(6)]  # about 470 bytes each: the fifth passes
+        await a.flush()
+        error = await next_of(a, Error)
+        assert (error.ref_seq, error.code) == (seqs[4], "too_large") and "max_snapshot_bytes" in error.message
+        await collect(b, lambda ms: len([m for m in ms if isinstance(m, State)]) == 4)
+        a.send_state(0, "y" * 400)  # replacing a value with one no bigger always fits
+        a.send_state(1, None)  # and deleting makes room
+        a.send_state(9, "z" * 400)
+        got = await collect(b, lambda ms: [m.key for m in ms if isinstance(m, State)] == [0, 1, 9])
+        assert [m.data for m in got if isinstance(m, State)] == ["y" * 400, None, "z" * 400]
+        async with connect(server.url, room, player="late") as late:
+            assert late.welcome.snapshot == {a.actor: {0: "y" * 400, 2: value, 3: value, 9: "z" * 400}}
+            assert late.welcome.limits["max_snapshot_bytes"] == 2000
+
+
 async def test_actor_numbers_are_never_reused(relay, room):
     async with connect(relay.url, room, player="keep") as keep:
         actors = [keep.actor]

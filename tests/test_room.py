@@ -18,6 +18,7 @@ from relay.room import (
     join_entry,
     leave_entry,
     new_epoch,
+    snapshot_cost,
     state_entry,
 )
 
@@ -295,8 +296,12 @@ def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_s
     mirror.offset, mirror.members, mirror.snapshot = start, dict(replayed.members), {
         a: dict(v) for a, v in replayed.snapshot.items()
     }
+    mirror.snapshot_size = replayed.snapshot_size
     for entry in entries[start:]:
         mirror.apply(entry)
+    for room in (authority, mirror):  # what counts against max_snapshot_bytes is kept exact
+        costs = [snapshot_cost(v) for values in room.snapshot.values() for v in values.values()]
+        assert room.snapshot_size == sum(costs)
     for offset in range(len(entries) + 1):
         at = mirror.rewound(offset)
         if at is None:
