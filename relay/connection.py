@@ -175,6 +175,19 @@ class Connection:
             await self._finish()
             self.relay.connections.discard(self)
             self.stats.closes[leave_code] += 1
+            self._let_go_of(seat)
+
+    def _let_go_of(self, seat: Seat) -> None:
+        """This connection is over: drop the references that tie it to its seat (which
+        may wait for a resume) and its protocol in cycles. Reference counting then frees
+        it at once; the cycle collector runs rarely here (server.py)."""
+        if seat.owner is self:
+            seat.owner = None
+        if getattr(seat.wake, "__self__", None) is self:  # not handed to a resuming connection
+            seat.unplug()
+        if self.proto is not None:
+            self.proto.on_binary = None
+        self.scope.get("extensions", {}).pop(EXTENSION, None)
 
     def _hands_off_seat(self) -> bool:
         """A node shutting down leaves its seats to the backplane, for a resume on another node."""

@@ -62,6 +62,11 @@ class Seat:
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
 
+    def unplug(self) -> None:
+        """No connection serves this seat any more (it is held, or gone)."""
+        self.wake = self.close = _nothing  # type: ignore[assignment]
+        self.send_framed = None
+
 
 @dataclass(slots=True)
 class _Resume:
@@ -266,8 +271,7 @@ class Node:
         if seat.left or seat.held is not None:
             return
         seat.outbox = Outbox(soft_bytes=1, hard_bytes=1, max_frame_bytes=1)  # free the backlog
-        seat.wake = seat.close = _nothing  # type: ignore[assignment]
-        seat.send_framed = None
+        seat.unplug()
         seat.held_code = close_code
         loop = asyncio.get_running_loop()
         seat.held = loop.call_later(
