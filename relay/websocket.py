@@ -43,6 +43,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 from websockets.protocol import State
 from websockets.utils import apply_mask
 
@@ -91,6 +92,34 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             if not self.transport.is_closing():
                 self.transport.write(b"".join(self.conn.data_to_send()))
                 self.transport.close()
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != "websocket.close" or not self.handshake_complete or self.close_sent:
+            await super().send(message)
+            return
+        # uvicorn waits for the transport to be writable first: a slow consumer's may
+        # never be. The close frame goes behind what the socket holds instead, now.
+        if self.transport.is_closing():
+            return
+        code, reason = message.get("code", 1000), message.get("reason", "") or ""
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        try:
+            self.conn.send_close(code, reason)
+        except InvalidState:
+            return  # the peer's close came first
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        # close() would wait for the buffer to drain, which a peer that reads nothing never lets happen.
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def keepalive_timeout(self) -> None:
+        answering = not (self.close_sent or self.transport.is_closing())
+        super().keepalive_timeout()
+        if answering:  # no pong: dead, or reading nothing. uvicorn's close() would wait for a drain.
+            self.transport.abort()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import websockets
 
-from relay_client import Event, Leave, open_client
+from relay_client import Event, Join, Leave, connect, open_client
 from tests.helpers import next_of
 from tests.relayproc import timeout
 
@@ -142,3 +142,63 @@ async def test_reader_stalled_too_long_is_closed_4008(relay_with, room):
         await slow.close()
         for p in fast:
             await p.close()
+
+
+async def test_a_reader_that_stopped_in_a_busy_room_is_reaped_by_the_ping_timeout(relay_with, room):
+    # Its receive window is zero, so nothing written to it drains: no pong, and a plain
+    # close would wait forever for the buffer to empty. The room must still get LEAVE.
+    server = relay_with(
+        ping_interval_s=0.5, ping_timeout_s=0.5, resume_window_s=0.5, slow_client_timeout_s=60,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="mover") as mover:
+        stalled = await stalled_reader(server.url, room)
+        try:
+            join = await next_of(mover, Join)
+            for i in range(1000):  # past the kernel buffers (up to 4 MB here): its socket stops draining
+                mover.send_event([i, MOVE])
+                await mover.flush()
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+            leave = await next_of(mover, Leave, seconds=10)
+            assert (leave.actor, leave.code) == (join.actor, 1006)
+            assert metric(server, "relay_slow_consumer_closes_total") == 0  # the ping timeout did it
+        finally:
+            stalled.transport.abort()
+
+
+def server_side_open(server_port: int, client_port: int) -> bool:
+    """Whether the server still has its end of this TCP connection (the kernel's table)."""
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return state == "01"  # ESTABLISHED
+    return False
+
+
+async def test_a_slow_consumer_that_reads_nothing_is_let_go_after_the_close_timeout(relay_with, room):
+    # Its 4008 close frame waits behind data it never reads. The connection must still end
+    # (close_timeout, 5 s), not pin its buffers while waiting for them to drain.
+    server = relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, ping_interval_s=60,
+        ping_timeout_s=60, max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="mover") as mover:
+        stalled = await stalled_reader(server.url, room)
+        client_port = stalled.transport.get_extra_info("sockname")[1]
+        try:
+            await next_of(mover, Join)
+            for i in range(1000):
+                mover.send_event([i, MOVE])
+                await mover.flush()
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+            async with asyncio.timeout(timeout(15)):
+                while metric(server, "relay_slow_consumer_closes_total") < 1:
+                    await asyncio.sleep(0.1)  # polling the relay's counter
+                while server_side_open(server.port, client_port):
+                    await asyncio.sleep(0.1)  # polling the kernel's connection table
+        finally:
+            stalled.transport.abort()
