@@ -64,8 +64,11 @@ class RoomState:
     snapshot: dict[int, dict[str | int, bytes]] = field(default_factory=dict)
     snapshot_size: int = 0  # what the snapshot counts against max_snapshot_bytes (see snapshot_cost)
     history_size: int = 0
-    # The last history_size entries, kept lean for resume: (offset, actor, kind, wire).
+    # The last history_size entries, kept lean for resume: (offset, actor, kind, wire);
+    # at most history_bytes of wire, since a resume replays no more than that anyway.
     history: deque[tuple[int, int, MsgType, bytes]] | None = None  # made on first use
+    history_bytes: int = 0  # 0: no limit but history_size
+    history_used: int = 0
     # How to undo the last undo_size changes to members and snapshot, for a resume's
     # WELCOME (see :meth:`rewound`): (offset, kind, actor, key, what was there before).
     undo_size: int = 0
@@ -91,8 +94,11 @@ class RoomState:
             if history is None:
                 history = self.history = deque()
             history.extend((e.offset, e.actor, e.kind, e.wire) for e in entries)
-            while len(history) > self.history_size:
-                history.popleft()
+            used = self.history_used + sum(len(e.wire) for e in entries)
+            limit = self.history_bytes or float("inf")
+            while len(history) > self.history_size or (used > limit and len(history) > 1):
+                used -= len(history.popleft()[3])
+            self.history_used = used
 
     def history_after(self, offset: int, epoch: str) -> list[Entry] | None:
         """Every entry after ``offset`` in ``epoch``, or None when history no longer reaches it."""

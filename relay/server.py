@@ -38,7 +38,10 @@ class Relay:
     def __init__(self, settings: Settings, backplane: Backplane | None = None) -> None:
         self.settings = settings
         self.stats = Stats()
-        backplane = backplane or MemoryBackplane(history_size=settings.history_size)
+        # A resume replays at most max_replay_bytes: history past that would never be used.
+        backplane = backplane or MemoryBackplane(
+            history_size=settings.history_size, history_bytes=settings.max_replay_bytes
+        )
         self.node = Node(backplane, settings, self.stats)
         self.connections: set[Connection] = set()
         self.open_per_ip: Counter[str] = Counter()

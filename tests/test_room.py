@@ -316,3 +316,15 @@ def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_s
     reach = changes[-undo_size - 1] if undo_size and len(changes) > undo_size else start
     assert mirror.rewound(max(reach, start)) is not None or not undo_size
     assert start == 0 or mirror.rewound(start - 1) is None
+
+
+def test_history_keeps_at_most_history_bytes_of_messages() -> None:
+    room = RoomState("r", history_size=1000, history_bytes=1000)
+    ann = joined(room, "ann")
+    for i in range(10):
+        room.sequence([event_entry(ann.actor, i, packb("x" * 300))])
+    kept = room.history_after(room.offset - 3, room.epoch)
+    assert kept is not None and [unpack_one(e.wire)[3] for e in kept] == ["x" * 300] * 3
+    assert room.history_after(room.offset - 4, room.epoch) is None  # past the bytes: a fresh snapshot
+    assert room.history_used == sum(len(wire) for *_, wire in room.history or ())
+    assert room.history_used <= 1000

@@ -19,8 +19,9 @@ class MemoryBackplane:
     name = "memory"
     hands_off_seats = False  # one process: its seats end with it
 
-    def __init__(self, *, history_size: int = 0) -> None:
+    def __init__(self, *, history_size: int = 0, history_bytes: int = 0) -> None:
         self._history_size = history_size
+        self._history_bytes = history_bytes
         self._rooms: dict[str, RoomState] = {}
         self._receiver: Receiver | None = None
 
@@ -41,7 +42,9 @@ class MemoryBackplane:
     ) -> Joined:
         state = self._rooms.get(room)
         if state is None:
-            state = self._rooms[room] = RoomState(room, history_size=self._history_size)
+            state = self._rooms[room] = RoomState(
+                room, history_size=self._history_size, history_bytes=self._history_bytes
+            )
         old = state.find_player(player)
         if old is None and len(state.members) >= max_players:
             if not state.members:
