@@ -156,6 +156,15 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.resume_reading()
 
     def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            # The relay answers any text frame with 1003, so it is not decoded: one that is
+            # not UTF-8 gets 1003 too, not uvicorn's 1007 and a logged traceback.
+            self.frames = []
+            self.queue.put_nowait({"type": "websocket.receive", "text": ""})
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
+            return
         on_binary = self.on_binary
         if on_binary is None or self.curr_msg_data_type != "bytes" or self.close_sent:
             super().send_receive_event_to_app()

@@ -184,12 +184,16 @@ async def test_bad_seq_and_trailing_elements(relay, room):
         assert event.data == "five"
 
 
-async def test_text_frame_closes_1003(relay, room):
-    ws = await raw_connect(relay.url, room)
+@pytest.mark.parametrize("text", [b"hello", b"\xff\xfe not UTF-8"], ids=["utf8", "not-utf8"])
+async def test_text_frame_closes_1003(relay_with, room, text):
+    server = relay_with()
+    ws = await raw_connect(server.url, room)
     await raw_messages(ws)
-    await ws.send("hello")
+    await ws.send(text, text=True)  # a text frame, with these bytes as they are
     code, reason = await raw_close_code(ws)
     assert code == 1003 and reason
+    server.log.seek(0)
+    assert b"Traceback" not in server.log.read()  # nothing for a stranger to flood the log with
 
 
 async def test_oversized_frame_closes_1009(relay, room):
