@@ -58,6 +58,7 @@ class Seat:
     # Taken over from another node, which keeps and passes on the DIRECTs published before
     # the takeover: this node takes DIRECTs only once the takeover shows in the room's stream.
     arriving: bool = False
+    arrive_after: int = 0  # the takeover's offset: a room entry past it comes after its notice
     owner: object = None  # the connection serving this seat now
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
@@ -182,7 +183,9 @@ class Node:
             await self._forget_if_empty(room)
             raise
         room.joining.remove(seat)
-        if joined is None:
+        if joined is not None:
+            seat.arrive_after = joined.offset
+        else:
             self._arrived(seat)
             seat.actor, seat.held_directs = 0, None  # no such seat: the caller may join afresh
             await self._forget_if_empty(room)
@@ -192,8 +195,14 @@ class Node:
             seat.secret, seat.last_seq = resume.secret, joined.last_seq
         seat.resume_token = f"{seat.actor}.{seat.secret}"
         if room.state is None or room.state.epoch != joined.epoch:
-            room.state = _mirror(room.name, joined, self.settings.history_size)
+            s = self.settings
+            room.state = _mirror(room.name, joined, s.history_size, s.max_replay_bytes + s.max_snapshot_bytes)
             self._start_rules(room)
+            for entry in _flat(seat.early or []):  # delivered while this node had no copy of the room
+                if entry.offset > room.state.offset:
+                    room.state.apply(entry)
+                    if room.rules is not None:
+                        self._tell_rules(room, entry)
         early, seat.early = seat.early or [], None
         room.seats[seat.actor] = seat
         self.tokens[seat.resume_token] = seat
@@ -249,6 +258,7 @@ class Node:
         if seat.left:
             return
         seat.left = True
+        self._arrived(seat)
         if seat.held is not None:
             seat.held.cancel()
             seat.held = None
@@ -374,6 +384,7 @@ class Node:
 
     def _let_go(self, seat: Seat) -> None:
         seat.left = True
+        self._arrived(seat)
         seat.owner = None  # its connection, if any, neither holds nor leaves it
         if self.tokens.get(seat.resume_token) is seat:
             del self.tokens[seat.resume_token]
@@ -526,7 +537,7 @@ class Node:
                 return
         if room.arriving:  # an entry sequenced after a takeover comes after its notice
             last = entries[-1].offset
-            for seat in [s for s in room.arriving if 0 < s.after_offset < last]:
+            for seat in [s for s in room.arriving if 0 < s.arrive_after < last]:
                 self._arrived(seat)
         for seat in room.joining:
             if seat.early is not None:
@@ -764,9 +775,12 @@ def _as_of(joined: Joined, state: RoomState, offset: int) -> Joined:
     return replace(joined, members=members, snapshot=snapshot, offset=offset)
 
 
-def _mirror(name: str, joined: Joined, undo_size: int) -> RoomState:
-    # The undo log is as long as the history a resume can replay.
-    state = RoomState(name, epoch=joined.epoch, offset=joined.offset, undo_size=undo_size, undo_floor=joined.offset)
+def _mirror(name: str, joined: Joined, undo_size: int, undo_bytes: int) -> RoomState:
+    # The undo log reaches back as far as the history a resume can replay.
+    state = RoomState(
+        name, epoch=joined.epoch, offset=joined.offset, undo_size=undo_size, undo_bytes=undo_bytes,
+        undo_floor=joined.offset,
+    )
     for actor, player, meta in joined.members:
         state.members[actor] = Member(actor, player, meta)
     state.snapshot = {actor: dict(values) for actor, values in joined.snapshot.items()}

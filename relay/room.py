@@ -72,7 +72,9 @@ class RoomState:
     # How to undo the last undo_size changes to members and snapshot, for a resume's
     # WELCOME (see :meth:`rewound`): (offset, kind, actor, key, what was there before).
     undo_size: int = 0
-    undo: deque[tuple[int, MsgType, int, Any, Any]] | None = None  # made on first use
+    undo_bytes: int = 0  # and at most this many bytes of values kept (0: no limit but undo_size)
+    undo: deque[tuple[int, MsgType, int, Any, Any, int]] | None = None  # made on first use; last: bytes kept
+    undo_used: int = 0
     undo_floor: int = 0  # the undo log holds every change after this offset
 
     def new_actor(self) -> int:
@@ -123,7 +125,7 @@ class RoomState:
             values = self.snapshot.setdefault(entry.actor, {})
             before = values.get(entry.key)  # type: ignore[arg-type]
             if self.undo_size:
-                self._remember(entry, entry.key, before)
+                self._remember(entry, entry.key, before, len(before) if before is not None else 0)
             if before is not None:
                 self.snapshot_size -= snapshot_cost(before)
             if entry.value == protocol.NIL:
@@ -136,7 +138,7 @@ class RoomState:
         elif kind is MsgType.JOIN:
             assert entry.member is not None
             if self.undo_size:
-                self._remember(entry, None, None)
+                self._remember(entry, None, None, 0)
             self.members[entry.actor] = entry.member
             self.next_actor = max(self.next_actor, entry.actor + 1)
         elif kind is MsgType.LEAVE:
@@ -145,17 +147,21 @@ class RoomState:
             if values:
                 self.snapshot_size -= sum(snapshot_cost(v) for v in values.values())
             if self.undo_size and member is not None:
-                self._remember(entry, None, (member, values))
+                self._remember(entry, None, (member, values), sum(map(len, values.values())) if values else 0)
         if entry.offset:
             self.offset = entry.offset
 
-    def _remember(self, entry: Entry, key: Any, before: Any) -> None:
+    def _remember(self, entry: Entry, key: Any, before: Any, size: int) -> None:
         undo = self.undo
         if undo is None:
             undo = self.undo = deque()
-        undo.append((entry.offset, entry.kind, entry.actor, key, before))
-        if len(undo) > self.undo_size:
-            self.undo_floor = undo.popleft()[0]
+        undo.append((entry.offset, entry.kind, entry.actor, key, before, size))
+        self.undo_used += size
+        limit = self.undo_bytes or float("inf")
+        while len(undo) > self.undo_size or (self.undo_used > limit and undo):
+            oldest = undo.popleft()
+            self.undo_floor = oldest[0]
+            self.undo_used -= oldest[5]
 
     def rewound(self, offset: int) -> tuple[list[tuple[int, str, dict[str, Any]]], dict[int, dict[str | int, bytes]]] | None:
         """The member list and snapshot as they were at ``offset``; None when the undo
@@ -164,7 +170,7 @@ class RoomState:
             return None
         members = dict(self.members)
         snapshot = {actor: dict(values) for actor, values in self.snapshot.items()}
-        for at, kind, actor, key, before in reversed(self.undo or ()):
+        for at, kind, actor, key, before, _ in reversed(self.undo or ()):
             if at <= offset:
                 break
             if kind is MsgType.STATE:

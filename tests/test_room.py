@@ -285,11 +285,11 @@ def lived(steps: list[tuple[Any, ...]]) -> tuple[RoomState, list[Entry]]:
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(STEPS, st.integers(0, 8), st.data())
-def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_size, data) -> None:
+@given(STEPS, st.integers(0, 8), st.sampled_from([0, 2, 5]), st.data())
+def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_size, undo_bytes, data) -> None:
     authority, entries = lived(steps)
     start = data.draw(st.integers(0, len(entries)), label="mirror made at")
-    mirror = RoomState("r", epoch=authority.epoch, undo_size=undo_size, undo_floor=start)
+    mirror = RoomState("r", epoch=authority.epoch, undo_size=undo_size, undo_bytes=undo_bytes, undo_floor=start)
     replayed, _ = lived([])  # the room up to ``start``, as a mirror made from a WELCOME would be
     for entry in entries[:start]:
         replayed.apply(entry)
@@ -312,9 +312,11 @@ def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_s
         assert at == (back_then.member_list(), back_then.snapshot), offset
     # It always reaches back over the last undo_size changes, and never claims to reach
     # before the mirror was made.
-    changes = [e.offset for e in entries[start:] if e.kind is not MsgType.EVENT]
-    reach = changes[-undo_size - 1] if undo_size and len(changes) > undo_size else start
-    assert mirror.rewound(max(reach, start)) is not None or not undo_size
+    if not undo_bytes:  # bounded by count alone, it reaches back over the last undo_size changes
+        changes = [e.offset for e in entries[start:] if e.kind is not MsgType.EVENT]
+        reach = changes[-undo_size - 1] if undo_size and len(changes) > undo_size else start
+        assert mirror.rewound(max(reach, start)) is not None or not undo_size
+    assert mirror.undo_used <= max(undo_bytes, 0) or not undo_bytes
     assert start == 0 or mirror.rewound(start - 1) is None
 
 
@@ -328,3 +330,17 @@ def test_history_keeps_at_most_history_bytes_of_messages() -> None:
     assert room.history_after(room.offset - 4, room.epoch) is None  # past the bytes: a fresh snapshot
     assert room.history_used == sum(len(wire) for *_, wire in room.history or ())
     assert room.history_used <= 1000
+
+
+def test_the_undo_log_keeps_at_most_undo_bytes_of_old_values() -> None:
+    authority = RoomState("r")
+    mirror = RoomState("r", epoch=authority.epoch, undo_size=1000, undo_bytes=1000)
+    ann = joined(authority, "ann")
+    mirror.apply(Entry(MsgType.JOIN, ann.actor, b"", member=ann, offset=authority.offset))
+    for i in range(10):  # the same key rewritten with 300-byte values: each keeps the one before
+        entry = state_entry(ann.actor, "k", packb(str(i) * 300))
+        authority.sequence([entry])
+        mirror.apply(entry)
+    assert mirror.undo_used <= 1000
+    assert mirror.rewound(authority.offset - 3) == ([ann.as_wire()], {ann.actor: {"k": packb("6" * 300)}})
+    assert mirror.rewound(1) is None  # further back than the bytes kept: a resume gets a fresh snapshot
