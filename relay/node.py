@@ -311,17 +311,21 @@ class Node:
         if old is None or old.left or old.player != player or old.room.name != room_name:
             return None
         room = old.room
+        self._publish_room(room)
+        missed = None
+        if offset is not None and epoch is not None:
+            # Read first, leaving the seat as it is meanwhile (held, or served by its old
+            # connection): with Redis this is a round trip, and the seat may leave during it.
+            missed = await self._missed(room.name, offset, epoch)
+            if old.left or self.tokens.get(token) is not old:
+                return None  # its hold ran out meanwhile: the caller joins afresh
         if old.held is not None:
             old.held.cancel()
             old.held = None
         else:  # the old connection is still open (a half-dead link): it is replaced
             old.close(CloseCode.REPLACED, "this seat was resumed by a new connection", False)
-        self._publish_room(room)
         state = room.state
         assert state is not None
-        missed = None
-        if offset is not None and epoch is not None:
-            missed = await self._missed(room.name, offset, epoch)
         old.outbox, old.wake, old.close, old.echo = seat.outbox, seat.wake, seat.close, seat.echo
         old.owner, old.send_framed = seat.owner, seat.send_framed
         old.after_offset = state.offset

@@ -298,3 +298,37 @@ async def test_directs_sent_while_a_seat_moves_between_nodes_arrive_once_each(re
             await again.close()
     directs = [m.data for m in got if isinstance(m, Direct)]
     assert sorted(directs) == list(range(total))  # each once: kept by a, passed on, or sent to b
+
+
+async def test_a_seat_resumed_on_its_own_node_in_a_busy_room_stays_resumed(redis_server, redis_relays, room):
+    # With Redis the history read is a round trip; the room's moves keep coming meanwhile.
+    (a,) = redis_relays(redis_server.url, 1, resume_window_s=1.0, **BUSY)
+    async with connect(a.url, room, player="sender") as sender, connect(a.url, room, player="watch") as watch:
+        p = await open_client(a.url, room, player="p", auto_resume=False)
+        actor, token = p.actor, p.resume_token
+        sender.send_event(-1)
+        await next_of(p, Event)
+        offset, epoch = p.offset, p.epoch
+        p.ws.transport.abort()
+        await drain(p)
+        await held_on(a, 1)
+
+        async def busy(n: int) -> None:
+            for i in range(n):
+                sender.send_event(i)
+                if i % 4 == 3:
+                    await asyncio.sleep(0.001)  # a move every quarter millisecond or so
+
+        moving = asyncio.create_task(busy(1000))
+        await asyncio.sleep(0.05)  # the room is busy when the player comes back
+        again = await open_client(a.url, room, player="p", resume=token, offset=str(offset), epoch=epoch)
+        try:
+            assert again.actor == actor
+            await moving
+            got = await collect(again, lambda ms: 999 in events(ms), seconds=15)  # past the resume window
+            assert events(got) == list(range(1000))
+            await watch.ping()
+            seen = await collect(watch, lambda ms: 999 in events(ms))
+            assert not [m for m in seen if isinstance(m, Leave)]  # nobody saw it leave
+        finally:
+            await again.close()
