@@ -15,8 +15,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -198,7 +199,7 @@ class Node:
             s = self.settings
             room.state = _mirror(room.name, joined, s.history_size, s.max_replay_bytes + s.max_snapshot_bytes)
             self._start_rules(room)
-            for entry in _flat(seat.early or []):  # delivered while this node had no copy of the room
+            for entry in chain.from_iterable(seat.early or ()):  # delivered while this node had no copy of the room
                 if entry.offset > room.state.offset:
                     room.state.apply(entry)
                     if room.rules is not None:
@@ -225,7 +226,7 @@ class Node:
         seat.after_offset = seen
         self._push_held_directs(seat, now)
         seat.wake()
-        if any(e.kind is MsgType.LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in _flat(early)):
+        if any(e.kind is MsgType.LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in chain.from_iterable(early)):
             # Its player joined again while this join was on its way (with Redis, the JOIN
             # reply can come after the room's LEAVE for it): the room has replaced it already.
             self.loop.call_soon(lambda: self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True))
@@ -759,11 +760,6 @@ def _seq_of(entry: Entry) -> int | None:
 
 def _decode(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-
-
-def _flat(batches: list[list[Entry]]) -> Iterator[Entry]:
-    for entries in batches:
-        yield from entries
 
 
 def _as_of(joined: Joined, state: RoomState, offset: int) -> Joined:

@@ -11,6 +11,15 @@ from relay.slim import SlimEvent, SlimQueue
 pytestmark = pytest.mark.asyncio
 
 
+async def cancel_while_waiting(wait) -> None:  # type: ignore[no-untyped-def]
+    """Start ``wait()``, let it block, cancel it, and see the cancellation through."""
+    waiter = asyncio.create_task(wait())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
 async def test_queue_is_fifo_and_get_nowait_refuses_when_empty() -> None:
     q = SlimQueue()
     assert q.empty() and q.qsize() == 0
@@ -44,11 +53,7 @@ async def test_two_waiting_getters_each_get_one_item() -> None:
 
 async def test_a_cancelled_get_loses_nothing() -> None:
     q = SlimQueue()
-    getter = asyncio.create_task(q.get())
-    await asyncio.sleep(0)
-    getter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await getter
+    await cancel_while_waiting(q.get)
     q.put_nowait("kept")
     assert q.get_nowait() == "kept"
     assert q._waiters in (None, [])  # no stale waiter left behind
@@ -74,9 +79,5 @@ async def test_event_set_wakes_every_waiter_and_clear_makes_them_wait_again() ->
 async def test_event_starts_set_when_asked_and_a_cancelled_wait_leaves_no_waiter() -> None:
     assert SlimEvent(True).is_set()
     e = SlimEvent()
-    waiter = asyncio.create_task(e.wait())
-    await asyncio.sleep(0)
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
+    await cancel_while_waiting(e.wait)
     assert e._waiters in (None, [])
