@@ -223,10 +223,23 @@ class Connection:
                 return 1006 if code == 1005 else code  # 1005: the peer vanished without a close
 
     def _send_framed(self, frame: bytes) -> bool:
-        """The node's fast path: a ready frame, written now if nothing holds it back."""
-        if self.writer is not None or self.close_code is not None:
+        """The node's fast path: a ready frame, written now if nothing holds it back
+        (a writer task waiting for the socket, a close, a socket that cannot take more).
+
+        Called once per recipient of every room batch, so the checks are inlined
+        rather than asked of the protocol (a call costs as much as the checks).
+        """
+        proto = self.proto
+        if (
+            self.writer is not None
+            or self.close_code is not None
+            or not proto.writable.value  # type: ignore[union-attr]
+            or proto.close_sent  # type: ignore[union-attr]
+            or proto.disconnected  # type: ignore[union-attr]
+        ):
             return False
-        return self.proto.send_framed_now(frame)  # type: ignore[union-attr]
+        proto.transport.write(frame)  # type: ignore[union-attr]
+        return True
 
     def wakeup(self) -> asyncio.Event:
         if self._wakeup is None:

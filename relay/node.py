@@ -569,14 +569,15 @@ class Node:
                 # The common case first: nothing queued for this seat and a socket that
                 # can take the frame now, so it is written at once, with no copy.
                 send = seat.send_framed
-                if send is not None and not seat.outbox:
+                outbox = seat.outbox
+                if send is not None and not outbox.size and not outbox.backlog_size:  # nothing queued
                     if framed is None:
                         framed = binary_frame(wire)
                     if send(framed):
                         written += 1
                         continue
                 self._push(seat, shared, now)
-            else:
+            elif len(entries) > 1:  # a lone entry is either this seat's own or already seen
                 own = [e for e in entries if e.offset > seat.after_offset and (seat.echo or e.actor != seat.actor)]
                 if own:
                     self._push(seat, Batch(b"".join(e.wire for e in own), own), now)

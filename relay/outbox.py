@@ -17,6 +17,10 @@ The policy at each limit, stated once (see also docs/design.md, Slow readers):
 
 So the memory a client pins here is at most ``hard_bytes`` plus one message.
 
+``size`` and ``backlog_size`` count the bytes queued in the buffer and in the
+backlog; as every message is at least one byte, both are 0 exactly when nothing
+is queued (a cheaper test than ``len()`` for the node's per-recipient fast path).
+
 A resume's replay (:meth:`Outbox.catch_up`) is the exception: what the client
 missed can be far more than ``hard_bytes``, and coalescing or dropping it would
 defeat the replay. It waits in a separate backlog, bounded by its own limit,

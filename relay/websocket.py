@@ -45,7 +45,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 from websockets.protocol import State
-from websockets.utils import apply_mask
+from websockets.frames import apply_mask  # websockets' C version when it is built
 
 from relay.frames import binary_frame
 from relay.slim import SlimEvent, SlimQueue
@@ -182,13 +182,6 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(binary_frame(data))
         else:  # no copy of a big payload: the header and the payload go out together
             self.transport.writelines((b"\x82\x7f" + len(data).to_bytes(8, "big"), data))
-
-    def send_framed_now(self, frame: bytes) -> bool:
-        """Write an already framed message if the socket can take it now."""
-        if not self.writable.value or self.close_sent or self.disconnected:  # type: ignore[attr-defined]
-            return False
-        self.transport.write(frame)
-        return True
 
 
 class RelayHttpProtocol(HttpToolsProtocol):

@@ -464,6 +464,7 @@ def test_what_a_client_gets_is_explained_by_the_policy(
             sent += [(e.kind.name.lower(), e.offset, e.actor, e.key) for e in entries]
             wire = b.wire
         assert box.size <= box.hard_bytes + len(wire)
+        assert (len(box) == 0) == (box.size == 0 and box.backlog_size == 0)
         if box.size > box.hard_bytes:
             assert box.must_close
         if box.must_close:
@@ -473,6 +474,7 @@ def test_what_a_client_gets_is_explained_by_the_policy(
             if frame_bytes is not None:
                 check_frame(frame_bytes, frame)
                 got += unpack_all(frame_bytes)
+            assert (len(box) == 0) == (box.size == 0 and box.backlog_size == 0)
     if not box.must_close:
         before = box.size
         frames = drain(box)
@@ -532,6 +534,7 @@ def test_a_replay_far_past_the_hard_limit_goes_out_whole_in_order_frame_by_frame
     while (frame := box.take()) is not None:
         frames.append(frame)
         sizes.append(box.size)
+        assert (len(box) == 0) == (box.size == 0 and box.backlog_size == 0)
     assert unpack_all(frames[0])[0][0] == MsgType.PONG
     assert offsets(frames) == list(range(1, 202))  # nothing coalesced, nothing dropped
     assert max(len(f) for f in frames) <= 2000 and max(sizes) <= 1000  # paced: a frame at a time
