@@ -44,8 +44,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
-from websockets.protocol import State
 from websockets.frames import apply_mask  # websockets' C version when it is built
+from websockets.protocol import State
 
 from relay.frames import binary_frame
 from relay.slim import SlimEvent, SlimQueue
