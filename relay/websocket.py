@@ -66,6 +66,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout = CLOSE_TIMEOUT_S
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
+        self._parser_idle = False  # websockets' parser known to wait between frames
 
     def handle_ping(self) -> None:
         # websockets answers every ping with a pong. A peer that floods pings and
@@ -77,7 +78,8 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._split_here:
-            payloads = read_binary_frames(self.conn, data)
+            payloads = read_binary_frames(self.conn, data, self._parser_idle)
+            self._parser_idle = payloads is not None  # None: websockets' parser is fed below
             if payloads is not None:
                 on_binary = self.on_binary
                 for payload in payloads:
@@ -225,13 +227,18 @@ def can_read_binary_frames(conn: Any) -> bool:
     )
 
 
-def read_binary_frames(conn: Any, data: bytes) -> list[bytes] | None:
+def read_binary_frames(conn: Any, data: bytes, idle: bool = False) -> list[bytes] | None:
     """The payloads of ``data`` when websockets' parser stands between two frames
     and ``data`` holds only whole binary frames (:func:`split_binary_frames`);
-    else None, and ``data`` is websockets' to parse."""
-    if conn.state is not State.OPEN or conn.current_size is not None or conn.reader.buffer:
+    else None, and ``data`` is websockets' to parse.
+
+    ``idle``: the previous read was taken here, so the parser, fed nothing since,
+    still stands between frames; its state need not be walked again (per read, the
+    walk costs about as much as the split).
+    """
+    if conn.state is not State.OPEN:
         return None
-    if not _between_frames(conn.parser):
+    if not idle and (conn.current_size is not None or conn.reader.buffer or not _between_frames(conn.parser)):
         return None
     return split_binary_frames(data, conn.max_message_size)
 

@@ -117,11 +117,13 @@ def test_every_chunking_of_a_stream_gives_websockets_messages(groups: list[list[
     # The same bytes in reads of arbitrary sizes, each taken by the shortcut when it
     # says so and by websockets otherwise, as RelayWebSocketProtocol.data_received does.
     conn, got, partial, at = open_server_protocol(MAX), [], [], 0
+    idle = False
     for size in [*cuts, len(stream)]:
         chunk, at = stream[at : at + size], at + size
         if not chunk:
             continue
-        payloads = read_binary_frames(conn, chunk)
+        payloads = read_binary_frames(conn, chunk, idle)
+        idle = payloads is not None
         if payloads is None:
             conn.receive_data(chunk)
             got += messages_of([e for e in conn.events_received() if isinstance(e, Frame)], partial)
