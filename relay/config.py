@@ -67,6 +67,12 @@ class Settings:
     ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     request_timeout_s: float = _setting(10.0, "time a new connection has to send its request headers")
+    close_timeout_s: float = _setting(
+        5.0, "a closing peer that reads nothing this long (the close frame behind unread data) is cut off"
+    )
+    max_close_wait_s: float = _setting(
+        30.0, "the longest a closing peer that keeps reading its backlog is waited for, to reach the close frame"
+    )
     shutdown_timeout_s: float = _setting(5.0, "time to flush queued messages on shutdown")
     resume_window_s: float = _setting(
         10.0, "how long a broken connection's seat is held for resume (on any node with --redis)"

@@ -59,6 +59,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,
     )
     config.relay_request_timeout_s = settings.request_timeout_s  # read by RelayHttpProtocol
+    config.relay_close_timeouts = (settings.close_timeout_s, settings.max_close_wait_s)  # and RelayWebSocketProtocol
     return config
 
 

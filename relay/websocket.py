@@ -10,8 +10,10 @@ Two changes to uvicorn's behaviour, both about peers that stop reading:
   ``ping_interval_s + ping_timeout_s``.
 * A close frame for a peer whose socket is not writable would wait forever
   behind the data it is not reading. We queue the close frame behind that data
-  without waiting, and abort the connection if the peer has not finished the
-  closing handshake within ``close_timeout`` seconds.
+  without waiting, and abort the connection if the peer reads nothing for
+  ``close_timeout_s``. A peer that keeps reading (a slow consumer working
+  through its backlog towards its 4008) gets more time, up to
+  ``max_close_wait_s`` in all, so that it can read why it was closed.
 
 It also offers the relay a fast path past ASGI for binary frames, because the
 cost per frame is what limits a relay (docs/design.md, "The hot path"):
@@ -37,7 +39,11 @@ websockets' job.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +56,8 @@ from websockets.protocol import State
 from relay.frames import binary_frame
 from relay.slim import SlimEvent, SlimQueue
 
-CLOSE_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 5.0  # the settings' defaults (close_timeout_s, max_close_wait_s)
+MAX_CLOSE_WAIT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
 EXTENSION = "relay.websocket"
@@ -63,7 +70,9 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         # The same methods in far less memory per connection (relay/slim.py).
         self.queue = SlimQueue()  # type: ignore[assignment]
         self.writable = SlimEvent(True)  # type: ignore[assignment]
-        self.close_timeout = CLOSE_TIMEOUT_S
+        self.close_timeout, self._max_close_wait = getattr(
+            self.config, "relay_close_timeouts", (CLOSE_TIMEOUT_S, MAX_CLOSE_WAIT_S)
+        )
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
         self._parser_idle = False  # websockets' parser known to wait between frames
@@ -115,7 +124,26 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
         # close() would wait for the buffer to drain, which a peer that reads nothing never lets happen.
-        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        deadline = self.loop.time() + self._max_close_wait
+        self.close_timer = self.loop.call_later(self.close_timeout, self._abort_unless_reading, self._unread(), deadline)
+
+    def _unread(self) -> int:
+        """Bytes written to the peer and not yet taken by it: ours, and the kernel's send queue."""
+        unread = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                unread += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return unread
+
+    def _abort_unless_reading(self, unread_before: int, deadline: float) -> None:
+        """The closing handshake's deadline: wait on while the peer reads, else abort."""
+        unread = self._unread()
+        if unread < unread_before and self.loop.time() + self.close_timeout <= deadline:
+            self.close_timer = self.loop.call_later(self.close_timeout, self._abort_unless_reading, unread, deadline)
+        else:
+            self.close_timer = None
+            self.transport.abort()
 
     def keepalive_timeout(self) -> None:
         answering = not (self.close_sent or self.transport.is_closing())

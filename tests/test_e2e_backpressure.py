@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 
 import msgpack
 import pytest
@@ -202,3 +203,84 @@ async def test_a_slow_consumer_that_reads_nothing_is_let_go_after_the_close_time
                     await asyncio.sleep(0.1)  # polling the kernel's connection table
         finally:
             stalled.transport.abort()
+
+
+def upgraded_socket(port: int, room: str, player: str) -> socket.socket:
+    """A raw WebSocket connection (4 KB receive buffer) whose reads the test paces itself."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(timeout(5))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"GET /ws/{room}?player={player} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(1)  # byte by byte: what follows the headers is left in the socket
+    assert reply.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def read_slowly_to_the_end(sock: socket.socket, chunk: int, pause: float) -> bytes:
+    """Read ``chunk`` bytes every ``pause`` seconds until the server ends the connection."""
+    received = bytearray()
+    while True:
+        try:
+            data = sock.recv(chunk)
+        except ConnectionResetError:
+            return bytes(received)  # aborted by the server
+        if not data:
+            return bytes(received)
+        received += data
+        time.sleep(pause)  # the pace of a slow link, not a wait for a condition
+
+
+def close_code_in(stream: bytes) -> int | None:
+    """The code of the close frame in a stream of unmasked server frames, if it is there whole."""
+    at = 0
+    while at + 2 <= len(stream):
+        opcode, length = stream[at] & 0x0F, stream[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = int.from_bytes(stream[at : at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(stream[at : at + 8], "big"), at + 8
+        if at + length > len(stream):
+            return None
+        if opcode == 8:
+            return int.from_bytes(stream[at : at + 2], "big")
+        at += length
+    return None
+
+
+async def test_a_slow_consumer_still_reading_its_backlog_gets_to_its_4008(relay_with, room):
+    # Its close frame goes behind everything the server had written to it. A reader that
+    # works through that backlog, slowly, must reach the close frame and read 4008, not
+    # be cut off (a reset, no code) because it took longer than close_timeout_s.
+    server = relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
+        max_close_wait_s=60, ping_interval_s=60, ping_timeout_s=60,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="mover") as mover:
+        slow = await asyncio.to_thread(upgraded_socket, server.port, room, "slow")
+        try:
+            await next_of(mover, Join)
+            async with asyncio.timeout(timeout(30)):
+                i = 0
+                while metric(server, "relay_slow_consumer_closes_total") < 1:
+                    mover.send_event([i, MOVE])
+                    await mover.flush()
+                    i += 1
+                    await asyncio.sleep(0.005)  # a steady game pace, not a wait for a condition
+            # At most 4 KB per 5 ms: what the server's buffers hold (MBs: the kernel's send
+            # buffer grows) takes many close_timeout_s.
+            started = time.monotonic()
+            stream = await asyncio.to_thread(read_slowly_to_the_end, slow, 4096, 0.005)
+            took = time.monotonic() - started
+            assert took > 1.0, f"the backlog was read in {took:.2f} s: the test proves nothing"
+            assert close_code_in(stream) == 4008
+        finally:
+            slow.close()
