@@ -28,7 +28,7 @@ from relay.config import Settings
 from relay.frames import binary_frame
 from relay.metrics import Stats
 from relay.outbox import Batch, Outbox
-from relay.protocol import CloseCode, ErrorCode, MsgType
+from relay.protocol import DIRECT, EVENT, JOIN, LEAVE, STATE, CloseCode, ErrorCode
 from relay.room import Entry, Member, RoomState, snapshot_cost
 from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
 
@@ -226,7 +226,7 @@ class Node:
         seat.after_offset = seen
         self._push_held_directs(seat, now)
         seat.wake()
-        if any(e.kind is MsgType.LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in chain.from_iterable(early)):
+        if any(e.kind is LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in chain.from_iterable(early)):
             # Its player joined again while this join was on its way (with Redis, the JOIN
             # reply can come after the room's LEAVE for it): the room has replaced it already.
             self.loop.call_soon(lambda: self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True))
@@ -431,7 +431,7 @@ class Node:
             if not self._publish_scheduled:
                 self._publish_scheduled = True
                 self.loop.call_soon(self._publish_all)
-        if entry.kind is MsgType.STATE:
+        if entry.kind is STATE:
             room.pending_state_change += self._state_change(room, entry.actor, entry.key, entry.value)  # type: ignore[arg-type]
             room.pending_state[(entry.actor, entry.key)] = (  # type: ignore[index]
                 0 if entry.value == protocol.NIL else snapshot_cost(entry.value)  # type: ignore[arg-type]
@@ -548,7 +548,7 @@ class Node:
             if seat.early is not None:
                 seat.early.append(entries)
         for entry in entries:
-            if entry.kind is MsgType.LEAVE:
+            if entry.kind is LEAVE:
                 gone = room.seats.get(entry.actor)
                 if gone is not None:  # seated here but removed elsewhere: replaced
                     self.kick(gone, CloseCode.REPLACED, "this player joined again", flush=True)
@@ -609,9 +609,9 @@ class Node:
             if seat is None:
                 return
         elif seat.held is None and not seat.arriving:
-            entry = Entry(MsgType.DIRECT, to_actor, b"", wire=wire)
+            entry = Entry(DIRECT, to_actor, b"", wire=wire)
             self._push(seat, Batch(wire, [entry]), time.monotonic())
-            self.stats.messages_out[MsgType.DIRECT] += 1
+            self.stats.messages_out[DIRECT] += 1
             return
         if seat.arriving:
             return  # published before the takeover: the seat's old node keeps it, and passes it on
@@ -622,8 +622,8 @@ class Node:
 
     def _push_held_directs(self, seat: Seat, now: float) -> None:
         for wire in seat.held_directs or ():
-            self._push(seat, Batch(wire, [Entry(MsgType.DIRECT, seat.actor, b"", wire=wire)]), now)
-            self.stats.messages_out[MsgType.DIRECT] += 1
+            self._push(seat, Batch(wire, [Entry(DIRECT, seat.actor, b"", wire=wire)]), now)
+            self.stats.messages_out[DIRECT] += 1
         seat.held_directs = None
 
     # --- game rules ------------------------------------------------------------------
@@ -658,15 +658,15 @@ class Node:
     def _tell_rules(self, room: LocalRoom, entry: Entry) -> None:
         rules, view, kind = room.rules, room.view, entry.kind
         assert rules is not None and view is not None
-        if kind is MsgType.JOIN:
+        if kind is JOIN:
             rules.on_join(view, entry.actor)
-        elif kind is MsgType.LEAVE:
+        elif kind is LEAVE:
             rules.on_leave(view, entry.actor)
         elif entry.actor not in room.seats:  # a local player's moves reached validate()
             data = _decode(entry.value) if entry.value is not None else None
-            if kind is MsgType.STATE:
+            if kind is STATE:
                 rules.observe(view, entry.actor, Move("state", data, entry.key))
-            elif kind is MsgType.EVENT:
+            elif kind is EVENT:
                 rules.observe(view, entry.actor, Move("event", data))
 
     def reply(self, seat: Seat, wire: bytes) -> None:
@@ -745,7 +745,7 @@ def _nothing(*args: Any) -> None:
 
 def _seq_of(entry: Entry) -> int | None:
     """An EVENT's seq, read back from its head ([1, actor, seq, data]); None otherwise."""
-    if entry.kind is not MsgType.EVENT:
+    if entry.kind is not EVENT:
         return None
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(entry.head[:20])  # type, actor and seq fit in 20 bytes

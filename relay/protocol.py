@@ -42,6 +42,12 @@ class MsgType(enum.IntEnum):
     PONG = 9
 
 
+# Looking up an enum member costs about 0.3 us in Python 3.11 (EnumType has a
+# __getattr__, so the interpreter's attribute caches do not apply), ten times a
+# global's: code that runs per message compares with these instead.
+EVENT, STATE, DIRECT, JOIN, LEAVE = MsgType.EVENT, MsgType.STATE, MsgType.DIRECT, MsgType.JOIN, MsgType.LEAVE
+
+
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
@@ -287,14 +293,14 @@ def _decode_move(
     max_message_bytes: int,
     max_depth: int,
 ) -> tuple[ClientMessage, int]:
-    if kind == MsgType.EVENT:
+    if kind == EVENT:
         if n < 3:
             return Invalid(seq, ErrorCode.MALFORMED, "EVENT is [1, seq, data]"), 2
         data = _raw_next(up, frame, max_depth, 3)
         if len(data) > max_message_bytes:
             return Invalid(seq, ErrorCode.TOO_LARGE, _too_large(len(data), max_message_bytes)), 3
         return Event(seq, data), 3
-    if kind == MsgType.STATE:
+    if kind == STATE:
         if n < 4:
             return Invalid(seq, ErrorCode.MALFORMED, "STATE is [2, seq, key, data]"), 2
         key = up.unpack()

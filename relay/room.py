@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import protocol
-from relay.protocol import MsgType
+from relay.protocol import EVENT, JOIN, LEAVE, STATE, MsgType
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class Entry:
     @property
     def droppable(self) -> bool:
         """EVENTs may be dropped for a slow reader; STATE coalesces; JOIN/LEAVE never go."""
-        return self.kind is MsgType.EVENT or self.kind is MsgType.DIRECT
+        return self.kind is protocol.EVENT or self.kind is protocol.DIRECT
 
 
 def new_epoch() -> str:
@@ -119,7 +119,7 @@ class RoomState:
 
     def apply(self, entry: Entry) -> None:
         kind = entry.kind
-        if kind is MsgType.STATE:
+        if kind is STATE:
             if entry.actor not in self.members:
                 return  # a late STATE from a member that already left changes nothing
             values = self.snapshot.setdefault(entry.actor, {})
@@ -135,13 +135,13 @@ class RoomState:
             else:
                 values[entry.key] = entry.value  # type: ignore[index]
                 self.snapshot_size += snapshot_cost(entry.value)  # type: ignore[arg-type]
-        elif kind is MsgType.JOIN:
+        elif kind is JOIN:
             assert entry.member is not None
             if self.undo_size:
                 self._remember(entry, None, None, 0)
             self.members[entry.actor] = entry.member
             self.next_actor = max(self.next_actor, entry.actor + 1)
-        elif kind is MsgType.LEAVE:
+        elif kind is LEAVE:
             member = self.members.pop(entry.actor, None)
             values = self.snapshot.pop(entry.actor, None)
             if values:
@@ -213,11 +213,11 @@ def snapshot_cost(value: bytes) -> int:
 
 
 def event_entry(actor: int, seq: int, data: bytes) -> Entry:
-    return Entry(MsgType.EVENT, actor, protocol.event_head(actor, seq, data), value=data)
+    return Entry(EVENT, actor, protocol.event_head(actor, seq, data), value=data)
 
 
 def state_entry(actor: int, key: str | int, data: bytes) -> Entry:
-    return Entry(MsgType.STATE, actor, protocol.state_head(actor, key, data), key=key, value=data)
+    return Entry(STATE, actor, protocol.state_head(actor, key, data), key=key, value=data)
 
 
 def join_entry(member: Member) -> Entry:

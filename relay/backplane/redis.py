@@ -62,7 +62,7 @@ from relay.backplane.redis_link import FAILURES, RedisLink
 from relay.backplane.redis_nodes import Nodes
 from relay.config import Settings
 from relay.metrics import BackplaneStats
-from relay.protocol import CloseCode, MsgType
+from relay.protocol import CloseCode
 from relay.room import Entry, Member, RoomState, new_epoch
 
 log = logging.getLogger("relay.redis")
@@ -379,7 +379,7 @@ class RedisBackplane:
             seqs = b"" if not op.seqs else protocol.pack([x for pair in op.seqs.items() for x in pair])
             args: list[Any] = [history, op.epoch, self.node_id, op.batch, seqs]
             for e in op.entries:
-                if e.kind is MsgType.STATE:
+                if e.kind is protocol.STATE:
                     args += (2, e.actor, protocol.pack(e.key), len(e.value or b""), e.head)
                 else:
                     args += (1, e.actor, "", len(e.value or b""), e.head)

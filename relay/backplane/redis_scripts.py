@@ -41,6 +41,7 @@ from typing import Any
 
 import msgpack
 
+from relay import protocol
 from relay.protocol import MsgType
 from relay.room import Entry, Member
 
@@ -341,15 +342,15 @@ def decode_batch(items: list[Any], first: int) -> list[Entry]:
     for i in range(2, len(items), 5):
         kind, actor, keybin, vlen, wire = items[i : i + 5]
         msg_type = _KINDS[kind]
-        if msg_type is MsgType.JOIN:
+        if msg_type is protocol.JOIN:
             _, _, player, meta, _ = unpack(wire, raw=False, strict_map_key=False)
             entry = Entry(msg_type, actor, b"", member=Member(actor, player, meta), offset=offset, wire=wire)
-        elif msg_type is MsgType.LEAVE:
+        elif msg_type is protocol.LEAVE:
             entry = Entry(msg_type, actor, b"", offset=offset, wire=wire)
         else:
             end = len(wire) - offset_len(offset)
             value = wire[end - vlen : end]
-            key = unpack(keybin, raw=False, strict_map_key=False) if msg_type is MsgType.STATE else None
+            key = unpack(keybin, raw=False, strict_map_key=False) if msg_type is protocol.STATE else None
             entry = Entry(msg_type, actor, b"", key=key, value=value, offset=offset, wire=wire)
         entries.append(entry)
         offset += 1
