@@ -97,6 +97,8 @@ class Settings:
                 raise ValueError(f"{name} must be greater than 0")
         if self.redis_timeout_s <= 0 or self.node_ttl_s <= 0:
             raise ValueError("redis_timeout_s and node_ttl_s must be greater than 0")
+        if self.close_timeout_s <= 0 or self.max_close_wait_s < self.close_timeout_s:
+            raise ValueError("close_timeout_s must be greater than 0, and max_close_wait_s at least that")
         if self.burst_bytes < self.max_frame_bytes:
             raise ValueError("burst_bytes must be at least max_frame_bytes, or big frames never pass")
 

@@ -58,6 +58,7 @@ from relay.slim import SlimEvent, SlimQueue
 
 CLOSE_TIMEOUT_S = 5.0  # the settings' defaults (close_timeout_s, max_close_wait_s)
 MAX_CLOSE_WAIT_S = 30.0
+OUTQ = getattr(termios, "TIOCOUTQ", None)  # ioctl: bytes in a TCP socket's send queue (Linux, macOS)
 REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
 EXTENSION = "relay.websocket"
@@ -131,16 +132,18 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         """Bytes written to the peer and not yet taken by it: ours, and the kernel's send queue."""
         unread = self.transport.get_write_buffer_size()
         sock = self.transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and OUTQ is not None:
             with contextlib.suppress(OSError, ValueError):
-                unread += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+                unread += struct.unpack("i", fcntl.ioctl(sock.fileno(), OUTQ, b"\0\0\0\0"))[0]
         return unread
 
     def _abort_unless_reading(self, unread_before: int, deadline: float) -> None:
         """The closing handshake's deadline: wait on while the peer reads, else abort."""
         unread = self._unread()
-        if unread < unread_before and self.loop.time() + self.close_timeout <= deadline:
-            self.close_timer = self.loop.call_later(self.close_timeout, self._abort_unless_reading, unread, deadline)
+        left = deadline - self.loop.time()
+        if unread < unread_before and left > 0:
+            wait = min(self.close_timeout, left)
+            self.close_timer = self.loop.call_later(wait, self._abort_unless_reading, unread, deadline)
         else:
             self.close_timer = None
             self.transport.abort()

@@ -106,6 +106,12 @@ def test_bad_values_raise_value_error_naming_the_variable(variable: str, raw: st
     assert repr(raw) in str(caught.value)
 
 
+@pytest.mark.parametrize("close_timeout_s, max_close_wait_s", [(0, 30), (5, 4)])
+def test_close_waits_must_make_sense(close_timeout_s: float, max_close_wait_s: float) -> None:
+    with pytest.raises(ValueError, match="close_timeout_s"):
+        Settings(close_timeout_s=close_timeout_s, max_close_wait_s=max_close_wait_s)
+
+
 def test_settings_are_frozen_and_keyword_only() -> None:
     settings = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):

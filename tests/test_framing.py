@@ -114,8 +114,13 @@ VALID = st.one_of(
 def test_every_chunking_of_a_stream_gives_websockets_messages(groups: list[list[bytes]], cuts: list[int]) -> None:
     stream = b"".join(b"".join(g) for g in groups)
     expected = messages_of(websockets_reads(stream, MAX)[0], [])
-    # The same bytes in reads of arbitrary sizes, each taken by the shortcut when it
-    # says so and by websockets otherwise, as RelayWebSocketProtocol.data_received does.
+    assert read_like_the_relay(stream, cuts) == expected
+
+
+def read_like_the_relay(stream: bytes, cuts: list[int]) -> list[tuple[str, bytes]]:
+    """The messages of ``stream`` read in pieces of the sizes ``cuts`` (then the rest), each
+    taken by the shortcut when it says so and by websockets otherwise, with the ``idle``
+    flag carried from read to read, as RelayWebSocketProtocol.data_received does."""
     conn, got, partial, at = open_server_protocol(MAX), [], [], 0
     idle = False
     for size in [*cuts, len(stream)]:
@@ -130,7 +135,18 @@ def test_every_chunking_of_a_stream_gives_websockets_messages(groups: list[list[
         else:
             got += [("b", p) for p in payloads]
     assert conn.parser_exc is None
-    assert got == expected
+    return got
+
+
+def test_a_read_split_here_does_not_let_a_later_read_inside_a_frame_take_the_shortcut() -> None:
+    # Whole frames (split here, websockets' parser not fed), then half a frame (websockets
+    # parses it), then its other half, which looks like a whole frame of its own: the
+    # first read's "between frames" must not carry over to the third.
+    inner = ws_frame(2, b"ABCD")
+    outer = b"\x82\x8a" + b"\x00\x00\x00\x00" + inner  # mask 0: the payload is ``inner`` as is
+    first = ws_frame(2, b"hello")
+    got = read_like_the_relay(first + outer, [len(first), 6])
+    assert got == [("b", b"hello"), ("b", inner)]
 
 
 def test_a_read_that_ends_inside_a_frame_keeps_the_next_read_from_the_shortcut() -> None:
