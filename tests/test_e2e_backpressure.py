@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
@@ -284,3 +285,39 @@ async def test_a_slow_consumer_still_reading_its_backlog_gets_to_its_4008(relay_
             assert close_code_in(stream) == 4008
         finally:
             slow.close()
+
+
+async def test_a_closing_peer_that_reads_too_slowly_is_cut_off_at_max_close_wait_s(relay_with, room):
+    # It keeps reading, a trickle, so every close_timeout_s shows progress: the wait for it
+    # to reach its close frame must still end, at max_close_wait_s.
+    server = relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
+        max_close_wait_s=2, ping_interval_s=60, ping_timeout_s=60,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="mover") as mover:
+        slow = await asyncio.to_thread(upgraded_socket, server.port, room, "slow")
+        client_port = slow.getsockname()[1]
+        reading = None
+        try:
+            await next_of(mover, Join)
+            async with asyncio.timeout(timeout(30)):
+                i = 0
+                while metric(server, "relay_slow_consumer_closes_total") < 1:
+                    mover.send_event([i, MOVE])
+                    await mover.flush()
+                    i += 1
+                    await asyncio.sleep(0.005)  # a steady game pace, not a wait for a condition
+            # 4 KB per 100 ms: progress in every close_timeout_s, but the MBs ahead of its
+            # close frame would take over a minute.
+            reading = asyncio.create_task(asyncio.to_thread(read_slowly_to_the_end, slow, 4096, 0.1))
+            async with asyncio.timeout(timeout(10)):
+                while server_side_open(server.port, client_port):
+                    await asyncio.sleep(0.1)  # polling the kernel's connection table
+            assert not reading.done()  # it was still reading when it was cut off
+        finally:
+            with contextlib.suppress(OSError):
+                slow.shutdown(socket.SHUT_RDWR)  # ends the reading thread's recv
+            stream = await reading if reading is not None else b""
+            slow.close()
+    assert close_code_in(stream) is None  # it never got as far as its close frame
