@@ -256,26 +256,37 @@ def close_code_in(stream: bytes) -> int | None:
     return None
 
 
+def closing_relay(relay_with, max_close_wait_s: float):
+    """A relay that closes a congested reader quickly (4008), then gives it close_timeout_s
+    0.5 s at a time, up to ``max_close_wait_s``, to read its way to the close frame."""
+    return relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
+        max_close_wait_s=max_close_wait_s, ping_interval_s=60, ping_timeout_s=60,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+
+
+async def play_until_a_4008(server, mover) -> None:
+    """Big moves at a steady pace until the relay has closed a slow consumer."""
+    await next_of(mover, Join)
+    async with asyncio.timeout(timeout(30)):
+        i = 0
+        while metric(server, "relay_slow_consumer_closes_total") < 1:
+            mover.send_event([i, MOVE])
+            await mover.flush()
+            i += 1
+            await asyncio.sleep(0.005)  # a steady game pace, not a wait for a condition
+
+
 async def test_a_slow_consumer_still_reading_its_backlog_gets_to_its_4008(relay_with, room):
     # Its close frame goes behind everything the server had written to it. A reader that
     # works through that backlog, slowly, must reach the close frame and read 4008, not
     # be cut off (a reset, no code) because it took longer than close_timeout_s.
-    server = relay_with(
-        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
-        max_close_wait_s=60, ping_interval_s=60, ping_timeout_s=60,
-        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
-    )
+    server = closing_relay(relay_with, max_close_wait_s=60)
     async with connect(server.url, room, player="mover") as mover:
         slow = await asyncio.to_thread(upgraded_socket, server.port, room, "slow")
         try:
-            await next_of(mover, Join)
-            async with asyncio.timeout(timeout(30)):
-                i = 0
-                while metric(server, "relay_slow_consumer_closes_total") < 1:
-                    mover.send_event([i, MOVE])
-                    await mover.flush()
-                    i += 1
-                    await asyncio.sleep(0.005)  # a steady game pace, not a wait for a condition
+            await play_until_a_4008(server, mover)
             # At most 4 KB per 5 ms: what the server's buffers hold (MBs: the kernel's send
             # buffer grows) takes many close_timeout_s.
             started = time.monotonic()
@@ -290,24 +301,13 @@ async def test_a_slow_consumer_still_reading_its_backlog_gets_to_its_4008(relay_
 async def test_a_closing_peer_that_reads_too_slowly_is_cut_off_at_max_close_wait_s(relay_with, room):
     # It keeps reading, a trickle, so every close_timeout_s shows progress: the wait for it
     # to reach its close frame must still end, at max_close_wait_s.
-    server = relay_with(
-        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
-        max_close_wait_s=2, ping_interval_s=60, ping_timeout_s=60,
-        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
-    )
+    server = closing_relay(relay_with, max_close_wait_s=2)
     async with connect(server.url, room, player="mover") as mover:
         slow = await asyncio.to_thread(upgraded_socket, server.port, room, "slow")
         client_port = slow.getsockname()[1]
         reading = None
         try:
-            await next_of(mover, Join)
-            async with asyncio.timeout(timeout(30)):
-                i = 0
-                while metric(server, "relay_slow_consumer_closes_total") < 1:
-                    mover.send_event([i, MOVE])
-                    await mover.flush()
-                    i += 1
-                    await asyncio.sleep(0.005)  # a steady game pace, not a wait for a condition
+            await play_until_a_4008(server, mover)
             # 4 KB per 100 ms: progress in every close_timeout_s, but the MBs ahead of its
             # close frame would take over a minute.
             reading = asyncio.create_task(asyncio.to_thread(read_slowly_to_the_end, slow, 4096, 0.1))
