@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import protocol
-from relay.protocol import EVENT, JOIN, LEAVE, STATE, MsgType
+from relay.protocol import DIRECT, EVENT, JOIN, LEAVE, STATE, MsgType
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class Entry:
     @property
     def droppable(self) -> bool:
         """EVENTs may be dropped for a slow reader; STATE coalesces; JOIN/LEAVE never go."""
-        return self.kind is protocol.EVENT or self.kind is protocol.DIRECT
+        return self.kind is EVENT or self.kind is DIRECT
 
 
 def new_epoch() -> str:
