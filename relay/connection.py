@@ -396,12 +396,13 @@ class Connection:
                     continue
             elif kind is State:
                 stats.messages_in["STATE"] += 1
-                if node.snapshot_would_overflow(seat, msg.key, data):  # type: ignore[union-attr]
+                change = node.snapshot_change(seat, msg.key, data)  # type: ignore[union-attr]
+                if change is None:
                     why = f"the room's snapshot would pass max_snapshot_bytes ({s.max_snapshot_bytes})"
                     if self._reject(Invalid(msg.seq, ErrorCode.TOO_LARGE, why), now):  # type: ignore[union-attr]
                         return
                     continue
-                if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq):  # type: ignore[union-attr]
+                if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq, change):  # type: ignore[union-attr]
                     continue
             else:
                 stats.messages_in["DIRECT"] += 1

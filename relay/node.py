@@ -416,11 +416,12 @@ class Node:
 
     # --- moves in --------------------------------------------------------------------
 
-    def submit(self, seat: Seat, entry: Entry, seq: int | None = None) -> bool:
+    def submit(self, seat: Seat, entry: Entry, seq: int | None = None, state_change: int = 0) -> bool:
         """Queue a move for the room order; published at the end of this loop iteration.
 
         While the backplane is unavailable (Redis down) the move is refused with
         ERROR ``unavailable`` instead (False): never taken and then silently lost.
+        A STATE comes with what it changes the snapshot's size by (:meth:`snapshot_change`).
         """
         if not self.backplane.ready():
             self._unavailable(seat, seq if seq is not None else _seq_of(entry))
@@ -432,7 +433,7 @@ class Node:
                 self._publish_scheduled = True
                 self.loop.call_soon(self._publish_all)
         if entry.kind is STATE:
-            room.pending_state_change += self._state_change(room, entry.actor, entry.key, entry.value)  # type: ignore[arg-type]
+            room.pending_state_change += state_change
             room.pending_state[(entry.actor, entry.key)] = (  # type: ignore[index]
                 0 if entry.value == protocol.NIL else snapshot_cost(entry.value)  # type: ignore[arg-type]
             )
@@ -455,24 +456,21 @@ class Node:
         self.backplane.direct(room.name, to_actor, protocol.direct(seat.actor, seq, data), seat.actor, seq)
         return True
 
-    def snapshot_would_overflow(self, seat: Seat, key: str | int, data: bytes) -> bool:
-        """Whether setting ``key`` to ``data`` would take the room's snapshot past
-        ``max_snapshot_bytes``, as this node sees the room with the STATEs it has taken
-        (with Redis, not those of other nodes still on their way: one round trip's worth)."""
-        room = seat.room
-        change = self._state_change(room, seat.actor, key, data)
-        if change <= 0 or room.state is None:
-            return False
-        return room.state.snapshot_size + room.pending_state_change + change > self.settings.max_snapshot_bytes
-
-    def _state_change(self, room: LocalRoom, actor: int, key: str | int, data: bytes) -> int:
-        """How much setting (or, with nil, deleting) ``key`` changes the snapshot's size."""
-        slot = (actor, key)
-        now = room.pending_state.get(slot)
+    def snapshot_change(self, seat: Seat, key: str | int, data: bytes) -> int | None:
+        """How much setting (or, with nil, deleting) the seat's ``key`` changes the room's
+        snapshot size; None when the change would take it past ``max_snapshot_bytes``, as
+        this node sees the room with the STATEs it has taken (with Redis, not those of
+        other nodes still on their way: one round trip's worth)."""
+        room, state = seat.room, seat.room.state
+        now = room.pending_state.get((seat.actor, key))
         if now is None:
-            before = room.state.snapshot.get(actor, {}).get(key) if room.state is not None else None
+            before = state.snapshot.get(seat.actor, {}).get(key) if state is not None else None
             now = snapshot_cost(before) if before is not None else 0
-        return (0 if data == protocol.NIL else snapshot_cost(data)) - now
+        change = (0 if data == protocol.NIL else snapshot_cost(data)) - now
+        if change > 0 and state is not None:
+            if state.snapshot_size + room.pending_state_change + change > self.settings.max_snapshot_bytes:
+                return None
+        return change
 
     def _unavailable(self, seat: Seat, seq: int | None) -> None:
         self.stats.errors[ErrorCode.UNAVAILABLE.value] += 1

@@ -173,7 +173,7 @@ class RoomState:
         for at, kind, actor, key, before, _ in reversed(self.undo or ()):
             if at <= offset:
                 break
-            if kind is MsgType.STATE:
+            if kind is STATE:
                 values = snapshot.setdefault(actor, {})
                 if before is None:
                     values.pop(key, None)
@@ -181,7 +181,7 @@ class RoomState:
                         del snapshot[actor]
                 else:
                     values[key] = before
-            elif kind is MsgType.JOIN:
+            elif kind is JOIN:
                 members.pop(actor, None)
                 snapshot.pop(actor, None)
             else:  # LEAVE: the member comes back, with its STATE
