@@ -177,7 +177,7 @@ class Node:
                 room.arriving.append(seat)
                 joined = await self.backplane.takeover(room.name, resume.actor, resume.secret, seat.player)
                 if joined is not None and resume.offset is not None and resume.epoch is not None:
-                    missed = await self._missed(room.name, resume.offset, resume.epoch)
+                    missed = await self._missed(room.name, resume.offset, resume.epoch, resume.actor)
         except BaseException:
             room.joining.remove(seat)
             self._arrived(seat)
@@ -232,9 +232,10 @@ class Node:
             self.loop.call_soon(lambda: self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True))
         return joined
 
-    async def _missed(self, room_name: str, offset: int, epoch: str) -> list[Entry] | None:
+    async def _missed(self, room_name: str, offset: int, epoch: str, actor: int) -> list[Entry] | None:
         """What a resuming seat missed, or None (a fresh snapshot) when history cannot give
-        it all or it passes ``max_replay_bytes``.
+        it all, it passes ``max_replay_bytes``, or ``offset`` comes before the seat's own
+        JOIN (no client saw the room then, and a WELCOME as of then could not list it).
 
         Never raises: the seat is already taken over, and a failed read must not leave it
         held in the backplane with no connection here to play or leave it.
@@ -245,6 +246,8 @@ class Node:
             log.exception("reading %s's history for a resume failed; sending a fresh snapshot", room_name)
             return None
         if missed is not None and sum(len(e.wire) for e in missed) > self.settings.max_replay_bytes:
+            return None
+        if missed and any(e.kind is JOIN and e.actor == actor for e in missed):
             return None
         return missed
 
@@ -317,7 +320,7 @@ class Node:
         if offset is not None and epoch is not None:
             # Read first, leaving the seat as it is meanwhile (held, or served by its old
             # connection): with Redis this is a round trip, and the seat may leave during it.
-            missed = await self._missed(room.name, offset, epoch)
+            missed = await self._missed(room.name, offset, epoch, old.actor)
             if old.left or self.tokens.get(token) is not old:
                 return None  # its hold ran out meanwhile: the caller joins afresh
         if old.held is not None:

@@ -182,6 +182,22 @@ def _first_event(frame: bytes, max_message_bytes: int, max_depth: int) -> tuple[
 
 
 def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int, frame_size: int) -> list[ClientMessage]:
+    out: list[ClientMessage] = []
+    for _ in range(MAX_RESTARTS + 1):
+        frame = _decode_messages(frame, max_message_bytes, max_depth, frame_size, out)
+        if not frame:
+            return out
+    out.append(Invalid(None, ErrorCode.MALFORMED, "too many unreadable messages in one frame"))
+    return out
+
+
+def _decode_messages(
+    frame: bytes, max_message_bytes: int, max_depth: int, frame_size: int, out: list[ClientMessage]
+) -> bytes:
+    """Decode ``frame``'s messages into ``out``; what is left of the frame to decode
+    afresh after a message whose values could not be built (an unhashable map key, a
+    broken timestamp): msgpack's Unpacker cannot go on after one, but the message's
+    end can still be found, and the messages after it are someone's valid moves."""
     unpacker = msgpack.Unpacker(
         None,
         raw=False,
@@ -189,14 +205,44 @@ def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int, frame_si
         strict_map_key=False,
     )
     unpacker.feed(frame)
-    out: list[ClientMessage] = []
     end = len(frame)
+    begin = 0
     try:
-        while unpacker.tell() < end:
+        while (begin := unpacker.tell()) < end:
             out.append(_decode_message(unpacker, frame, max_message_bytes, max_depth))
+    except _Unbuildable as exc:
+        length = _length_of(frame[begin:], frame_size)
+        if length is not None:
+            out.append(Invalid(exc.seq, ErrorCode.MALFORMED, exc.why))
+            return frame[begin + length :]
+        out.append(Invalid(None, ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc.why}"))
     except (msgpack.OutOfData, msgpack.StackError, msgpack.FormatError, ValueError, TypeError) as exc:
         out.append(Invalid(None, ErrorCode.MALFORMED, f"frame is not valid msgpack: {_why(exc)}"))
-    return out
+    return b""
+
+
+# Each unreadable message costs a fresh Unpacker and a copy of the rest of the frame:
+# past this many in one frame the rest is refused whole, so that a frame of tiny bad
+# messages cannot cost time that grows with the square of its size.
+MAX_RESTARTS = 16
+
+
+class _Unbuildable(Exception):
+    """A message whose structure is sound but whose values msgpack cannot build."""
+
+    def __init__(self, seq: int | None, why: str) -> None:
+        self.seq, self.why = seq, why
+
+
+def _length_of(frame: bytes, frame_size: int) -> int | None:
+    """The length of the msgpack value at the start of ``frame``; None when it is not whole."""
+    unpacker = msgpack.Unpacker(None, max_buffer_size=max(frame_size, 1))
+    unpacker.feed(frame)
+    try:
+        unpacker.skip()  # follows the structure without building values
+    except (msgpack.OutOfData, msgpack.StackError, msgpack.FormatError, ValueError):
+        return None
+    return unpacker.tell()
 
 
 def _why(exc: Exception) -> str:
@@ -205,8 +251,15 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, msgpack.StackError):
         return "nested too deeply"
     if isinstance(exc, TypeError):
-        return "map keys must be strings, numbers, booleans or nil"
+        return UNHASHABLE_KEY
     return str(exc) or type(exc).__name__
+
+
+UNHASHABLE_KEY = "map keys must be strings, numbers, booleans or nil"
+
+
+def _unbuildable(exc: Exception) -> str:
+    return UNHASHABLE_KEY if isinstance(exc, TypeError) else f"a value is not valid msgpack: {exc}"
 
 
 def _decode_message(
@@ -219,7 +272,7 @@ def _decode_message(
         return Invalid(None, ErrorCode.MALFORMED, "a message must be a msgpack array")
     if n == 0:
         return Invalid(None, ErrorCode.MALFORMED, "empty message array")
-    kind = up.unpack()
+    kind = _unpack(up, None)
     read = 1
     result: ClientMessage
     if not _is_int(kind):
@@ -232,11 +285,16 @@ def _decode_message(
                 result = Ping(_raw_next(up, frame, max_depth))
             except _TooDeep:
                 result = Invalid(None, ErrorCode.MALFORMED, f"nested deeper than {max_depth}")
+            except (TypeError, ValueError) as exc:
+                raise _Unbuildable(None, _unbuildable(exc)) from None
             read = 2
-    elif kind in (MsgType.EVENT, MsgType.STATE, MsgType.DIRECT):
-        seq = up.unpack() if n >= 2 else None
+    else:
+        seq = _unpack(up, None) if n >= 2 else None
         read = min(n, 2)
-        if not _is_int(seq):
+        if kind not in (EVENT, STATE, DIRECT):
+            # Element 1 is a seq in every client message that has one: name it if it is.
+            result = Invalid(seq if _is_int(seq) else None, ErrorCode.BAD_TYPE, f"unknown message type {kind!r}")
+        elif not _is_int(seq):
             result = Invalid(None, ErrorCode.MALFORMED, "seq (element 1) must be an integer")
         else:
             try:
@@ -244,8 +302,8 @@ def _decode_message(
             except _TooDeep as exc:
                 why = f"data nested deeper than max_depth ({max_depth})"
                 result, read = Invalid(seq, ErrorCode.MALFORMED, why), exc.args[0]
-    else:
-        result = Invalid(None, ErrorCode.BAD_TYPE, f"unknown message type {kind!r}")
+            except (TypeError, ValueError) as exc:
+                raise _Unbuildable(seq, _unbuildable(exc)) from None
     # Trailing elements we do not know are ignored, as the protocol says. Each
     # skip consumes at least a byte, so a lying length header ends at OutOfData.
     for _ in range(n - read):
@@ -253,6 +311,13 @@ def _decode_message(
     if type(result) is Ping and len(result.client_time) > max_message_bytes:
         return Invalid(None, ErrorCode.TOO_LARGE, "PING client_time is too large")
     return result
+
+
+def _unpack(up: msgpack.Unpacker, seq: int | None) -> Any:
+    try:
+        return up.unpack()
+    except (TypeError, ValueError) as exc:
+        raise _Unbuildable(seq, _unbuildable(exc)) from None
 
 
 def _raw_next(up: msgpack.Unpacker, frame: bytes, max_depth: int, fields_read: int = 0) -> bytes:

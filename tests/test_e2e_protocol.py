@@ -130,7 +130,9 @@ async def test_ping_pong(relay, room):
     [
         (b"\xc1", None, "malformed"),
         (msgpack.packb("not an array"), None, "malformed"),
-        (msgpack.packb([42, 1, "x"]), None, "bad_type"),
+        (msgpack.packb([42, 1, "x"]), 1, "bad_type"),
+        (msgpack.packb([42, "one", "x"]), None, "bad_type"),
+        (b"\x93\x01\x05\x81\x91\x01\x02", 5, "malformed"),  # data {[1]: 2}: receivers could not decode it
         (msgpack.packb([1, "one", "x"]), None, "malformed"),
         (msgpack.packb([1, 5]), 5, "malformed"),
         (msgpack.packb([2, 5, {"bad": "key"}, 1]), 5, "malformed"),

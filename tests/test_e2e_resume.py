@@ -83,6 +83,31 @@ async def history_too_short_gives_a_fresh_snapshot(first, second, room: str, mov
             await ws.close()
 
 
+@pytest.mark.parametrize("before", ["0", "1"], ids=["before-the-room", "before-its-join"])
+async def test_a_resume_from_before_the_seats_own_join_gets_the_room_as_it_is_now(relay, room, before):
+    """No client saw the room before its own JOIN, and a WELCOME as of then could not
+    list its player: the seat is kept, with the room as it is now and no replay."""
+    async with connect(relay.url, room, player="b") as b:  # JOIN at offset 1
+        a = await raw_connect(relay.url, room, "?player=a")  # JOIN at offset 2
+        [welcome] = await raw_messages(a)
+        actor, epoch, token = welcome[2], welcome[9], welcome[10]
+        b.send_state("k", "v")
+        [state] = await raw_messages(a)
+        a.transport.abort()
+        await held_on(relay, 1)
+        again = await raw_connect(relay.url, room, f"?player=a&resume={token}&offset={before}&epoch={epoch}")
+        try:
+            [resumed] = await raw_messages(again)
+            b.send_event("next")
+            [event] = await raw_messages(again)
+        finally:
+            await again.close()
+    assert resumed[2] == actor and resumed[8] == state[4] == 3
+    assert resumed[4] == [[b.actor, "b", {}], [actor, "a", {}]]
+    assert resumed[5] == {b.actor: {"k": "v"}}
+    assert event == [1, b.actor, event[2], "next", 4]  # then the live order, nothing replayed
+
+
 async def test_resume_after_the_window_is_a_fresh_join(relay_with, room):
     server = relay_with(resume_window_s=0.3)
     async with connect(server.url, room, player="watch") as watch:

@@ -184,10 +184,17 @@ def test_empty_frame_has_no_messages() -> None:
 # --- decode_frame: messages the relay refuses ------------------------------------
 
 
-def test_unknown_type_is_bad_type() -> None:
+def test_unknown_type_is_bad_type_and_names_its_seq() -> None:
     [invalid] = decode(b"\x93\x04\x01\xc0")
     assert isinstance(invalid, Invalid)
     assert invalid.code is ErrorCode.BAD_TYPE
+    assert invalid.seq == 1  # element 1, the seq of every client message that has one
+
+
+@pytest.mark.parametrize("frame", [packb([4]), packb([4, "one"]), packb([4, 1.5, 2]), packb([4, True])])
+def test_unknown_type_without_an_integer_seq_refers_to_none(frame: bytes) -> None:
+    [invalid] = decode(frame)
+    assert isinstance(invalid, Invalid) and invalid.code is ErrorCode.BAD_TYPE
     assert invalid.seq is None
 
 
@@ -275,7 +282,6 @@ def test_state_key_length_is_counted_in_utf8_bytes() -> None:
         (b"\x93\x01\x05\xdb\xff\xff\xff\xff", "data claiming 4 GB"),
         (b"\x93\x01\x05\xdd\xff\xff\xff\xff", "data array claiming 4G elements"),
         (b"\x93\x01\x05\xdf\xff\xff\xff\xff", "data map claiming 4G pairs"),
-        (b"\x93\x01\x05\xd4\xff\x00", "a timestamp ext of an impossible length in data"),
         (b"\x92\xa1\x01" + b"\x93\x01\x05\xa1\xff", "invalid UTF-8 in a string"),
     ],
 )
@@ -356,7 +362,7 @@ def test_unhashable_map_keys_do_not_raise(frame: bytes) -> None:
 def test_unhashable_map_key_inside_data_is_malformed() -> None:
     # receivers could not decode it either (msgpack.Unpacker raises TypeError)
     result = decode(b"\x93\x01\x05\x81\x91\x01\x02")
-    assert result == [Invalid(None, ErrorCode.MALFORMED, result[0].message)]
+    assert result == [Invalid(5, ErrorCode.MALFORMED, "map keys must be strings, numbers, booleans or nil")]
     with pytest.raises(TypeError):
         unpack_all(b"\x81\x91\x01\x02")
 
@@ -475,6 +481,12 @@ GOOD_2 = b"\x93\x01\x02\xa1b"
         (b"\x94\x03\x07\xa1x\x00", ErrorCode.MALFORMED),
         (b"\x92\x01\x07", ErrorCode.MALFORMED),
         (b"\xd4\x01\x00", ErrorCode.MALFORMED),
+        (b"\x93\x01\x05\x81\x91\x01\x02", ErrorCode.MALFORMED),  # data {[1]: 2}
+        (b"\x93\x01\x05\xd4\xff\x00", ErrorCode.MALFORMED),  # data: a timestamp of an impossible length
+        (b"\x93\x01\x05\xa1\xff", ErrorCode.MALFORMED),  # data: a string that is not UTF-8
+        (b"\x94\x02\x05\x81\x81\x01\x02\x03\x01", ErrorCode.MALFORMED),  # STATE key {{1: 2}: 3}
+        (b"\x92\x09\x81\x81\xc0\xc0\xc0", ErrorCode.MALFORMED),  # PING {{nil: nil}: nil}
+        (b"\x91\x81\x91\x01\x02", ErrorCode.MALFORMED),  # [{[1]: 2}] as the type
     ],
 )
 def test_skippable_bad_message_hides_nothing(bad: bytes, code: ErrorCode) -> None:
@@ -487,14 +499,29 @@ def test_skippable_bad_message_hides_nothing(bad: bytes, code: ErrorCode) -> Non
 
 @pytest.mark.parametrize(
     "bad",
-    [b"\xc1", b"\x93\x01\x05", b"\x91" * 5000 + b"\xc0", b"\xdd\xff\xff\xff\xff", b"\x93\x01\x05\xd4\xff\x00"],
-    ids=["0xc1", "truncated", "deep", "huge-header", "broken-timestamp"],
+    [b"\xc1", b"\x93\x01\x05", b"\x91" * 5000 + b"\xc0", b"\xdd\xff\xff\xff\xff", b"\x93\x01\x05\x81\x91\x01"],
+    ids=["0xc1", "truncated", "deep", "huge-header", "truncated-unhashable"],
 )
 def test_unskippable_bad_message_keeps_the_messages_before_it(bad: bytes) -> None:
     result = decode(GOOD_1 + GOOD_2 + bad)
     assert result[:2] == [Event(1, b"\xa1a"), Event(2, b"\xa1b")]
     assert len(result) == 3
     malformed_frame(result)
+
+
+def test_an_unreadable_value_names_its_message_seq() -> None:
+    [_, invalid, _] = decode(GOOD_1 + b"\x93\x01\x07\xd4\xff\x00" + GOOD_2)
+    assert invalid.seq == 7 and "timestamp" in invalid.message
+
+
+def test_a_frame_of_unreadable_messages_is_refused_after_a_bound() -> None:
+    # Each one costs a fresh Unpacker: past MAX_RESTARTS the rest is refused whole.
+    bad = b"\x93\x01\x05\x81\x91\x01\x02"
+    result = decode(bad * 1000 + GOOD_1)
+    assert len(result) == protocol.MAX_RESTARTS + 2
+    assert all(r == Invalid(5, ErrorCode.MALFORMED, protocol.UNHASHABLE_KEY) for r in result[:-1])
+    malformed_frame(result)
+    assert decode(bad * protocol.MAX_RESTARTS + GOOD_1)[-1] == Event(1, b"\xa1a")
 
 
 def test_many_trailing_elements_are_ignored_too() -> None:
