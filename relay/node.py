@@ -384,6 +384,21 @@ class Node:
         seat.held_directs = None
         self._spawn(self._forget_if_empty(room))
 
+    def seat_gone(self, room_name: str, actor: int) -> None:
+        room = self.rooms.get(room_name)
+        seat = room.seats.get(actor) if room is not None else None
+        if seat is not None:
+            self._removed_elsewhere(seat, None)
+
+    def _removed_elsewhere(self, seat: Seat, leave_code: int | None) -> None:
+        """The room no longer has this node's seat: its player joined again (4409), or the
+        other nodes took this one for dead and removed it (1011: the client rejoins)."""
+        if leave_code == CloseCode.REPLACED:
+            self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True)
+        else:
+            why = "this seat was removed from the room while its server was unreachable; rejoin"
+            self.kick(seat, CloseCode.INTERNAL_ERROR, why, flush=True)
+
     def hand_off(self, seat: Seat) -> None:
         """This process is going away: its seat stays in the room, held by the backplane for
         a resume on another node (``hands_off_seats``), which sends LEAVE if none comes."""
@@ -551,8 +566,8 @@ class Node:
         for entry in entries:
             if entry.kind is LEAVE:
                 gone = room.seats.get(entry.actor)
-                if gone is not None:  # seated here but removed elsewhere: replaced
-                    self.kick(gone, CloseCode.REPLACED, "this player joined again", flush=True)
+                if gone is not None:  # seated here but removed elsewhere
+                    self._removed_elsewhere(gone, _leave_code(entry))
         seats = room.seats
         if not seats:
             return
@@ -758,6 +773,15 @@ def _seq_of(entry: Entry) -> int | None:
     except (msgpack.OutOfData, ValueError):
         return None
     return seq if type(seq) is int else None
+
+
+def _leave_code(entry: Entry) -> int | None:
+    """The close code a LEAVE carries: ``[6, actor, close_code, offset]``."""
+    try:
+        code = msgpack.unpackb(entry.wire)[2]
+    except (ValueError, IndexError, TypeError):
+        return None
+    return code if type(code) is int else None
 
 
 def _decode(raw: bytes) -> Any:

@@ -29,6 +29,7 @@ class Recorder:
         self.directs: list[tuple[int, bytes]] = []
         self.resynced: list[str] = []
         self.moved: list[int] = []
+        self.gone: list[int] = []
         self.changed = asyncio.Event()
 
     def deliver(self, room: str, entries: list[Entry]) -> None:
@@ -41,6 +42,10 @@ class Recorder:
 
     def seat_moved(self, room: str, actor: int) -> None:
         self.moved.append(actor)
+        self.changed.set()
+
+    def seat_gone(self, room: str, actor: int) -> None:
+        self.gone.append(actor)
         self.changed.set()
 
     def resync(self, room: str) -> None:
@@ -283,3 +288,21 @@ async def test_takeover_moves_a_seat_and_drops_the_old_nodes_late_moves(started)
     await new.leave("r", actor, 1000)
     await seen_new.until(lambda: seen_new.entries[-1].kind is MsgType.LEAVE)
     assert seen_new.entries[-1].offset == 4
+
+
+async def test_moves_of_a_seat_removed_meanwhile_do_not_follow_its_leave(started):
+    """A node that missed its seat's removal (it was silent, or the player joined again
+    elsewhere) still sends that seat's moves: they are not taken, and the node is told."""
+    old, seen_old = await started()
+    new, seen_new = await started()
+    for backplane in (old, new):
+        await backplane.subscribe("r")
+    actor = (await old.join("r", "p", {}, max_players=8)).member.actor
+    again = (await new.join("r", "p", {}, max_players=8)).member.actor  # replaces the seat
+    await seen_new.until(lambda: [e.kind for e in seen_new.entries][-2:] == [MsgType.LEAVE, MsgType.JOIN])
+    old.publish("r", [event_entry(actor, 1, protocol.pack("late"))], {actor: 1})
+    new.publish("r", [event_entry(again, 1, protocol.pack("new"))], {again: 1})
+    await seen_new.until(lambda: seen_new.entries[-1].kind is MsgType.EVENT)
+    assert [e.value for e in seen_new.entries if e.kind is MsgType.EVENT] == [protocol.pack("new")]
+    await seen_old.until(lambda: seen_old.gone == [actor])
+    assert seen_old.moved == []

@@ -7,7 +7,7 @@ import re
 import signal
 
 import pytest
-from relay_client import Error, Event, Resynced, connect, open_client
+from relay_client import Error, Event, Leave, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, ready, wait_until
@@ -137,3 +137,31 @@ async def test_a_redis_that_stops_answering_counts_as_down_and_no_taken_move_is_
     finally:
         await x.close()
         await y.close()
+
+
+async def test_a_node_frozen_past_its_seats_window_closes_them_for_a_rejoin_and_relays_none_of_their_moves(
+    redis_server, redis_relays, room
+):
+    """SIGSTOP a node for longer than node_ttl_s + resume_window_s: the others remove its
+    seats (LEAVE). When it wakes, the moves its players sent meanwhile must not follow
+    their LEAVE into the room, and its players are closed with a code they rejoin on."""
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, resume_window_s=0.5)
+    x = await open_client(a.url, room, player="x", auto_resume=False)
+    try:
+        async with connect(b.url, room, player="y") as y, connect(b.url, room, player="z") as z:
+            a.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+            try:
+                leave = await next_of(y, Leave, seconds=15)  # b took a for dead and removed x
+                assert leave.actor == x.actor
+                for i in range(5):
+                    x.send_event(f"late {i}")  # waits in a's socket
+                await x.flush()
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
+            gone = await closed(x, seconds=15)
+            assert gone.code == 1011  # the client rejoins (4409 would tell it not to)
+            z.send_event("probe")  # sequenced after anything a took from x
+            got = await collect(y, lambda ms: any(isinstance(m, Event) and m.data == "probe" for m in ms), seconds=10)
+            assert not [m for m in got if isinstance(m, Event) and m.actor == leave.actor]
+    finally:
+        await x.close()

@@ -418,10 +418,13 @@ class RedisBackplane:
             elif op.kind == "moves" and r.subscribed:
                 self._resync(r, "a batch could not be sequenced")  # never lose moves silently
             return True
-        if op.kind == "moves" and len(result) > 2:  # seats resumed elsewhere, notice missed
+        if op.kind == "moves" and len(result) > 2:  # seats resumed elsewhere (notice missed), or gone
+            assert self._receiver is not None
             for actor in result[2:]:
-                if r.seated.pop(actor, None) is not None:
-                    assert self._receiver is not None
+                if actor < 0:
+                    if r.seated.pop(-actor, None) is not None:
+                        self._receiver.seat_gone(r.name, -actor)
+                elif r.seated.pop(actor, None) is not None:
                     self._receiver.seat_moved(r.name, actor)
         if op.kind == "moves" and result[0] < 0:
             self.stats.errors["stale_batch"] += 1

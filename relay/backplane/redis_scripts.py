@@ -142,8 +142,11 @@ end
 # ([actor, seq, ...], or ''), then five per entry: kind, actor, msgpack(key) or '',
 # length of data, head. Moves of a seat that another node has taken over since
 # (a resume there) are not taken: its player re-sends them there, after last_seq.
-# Returns {1, offset, actors whose seats moved away...}, {0} for a batch already
-# applied (a retry), {-1} when the room is gone, {-2} when it has another epoch.
+# Nor are those of a seat no longer in the room (removed while this node was
+# silent, or replaced by its player joining again): they would follow its LEAVE.
+# Returns {1, offset, actors whose seats moved away..., -actor for each seat gone},
+# {0} for a batch already applied (a retry), {-1} when the room is gone, {-2} when
+# it has another epoch.
 SEQUENCE = r"""
 if not open_room() then return {-1} end
 if EPOCH ~= ARGV[2] then return {-2} end
@@ -159,15 +162,14 @@ local function seat(actor)
     s = seat_of(actor, node)
     seats[actor] = s
     if s == 'moved' then moved[#moved + 1] = actor end
+    if s == 'gone' then moved[#moved + 1] = -actor end
   end
   return s
 end
 for i = 6, #ARGV, 5 do
   local kind, actor, keybin, vlen, head = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
-  local s = seat(actor)
-  if s ~= 'moved' then
-    -- A late STATE from a member that already left changes nothing (as in RoomState.apply).
-    if kind == 2 and s == 'mine' then
+  if seat(actor) == 'mine' then
+    if kind == 2 then
       local value = string.sub(head, -vlen)
       if value == '\192' then
         redis.call('HDEL', snap_key(actor), keybin)
