@@ -34,6 +34,10 @@ from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_
 
 log = logging.getLogger("relay.node")
 
+# How long a seat whose moves the backplane refused (gone from the room) waits for its
+# LEAVE to arrive on the room's stream before it is closed anyway (see Node.seat_gone).
+SEAT_GONE_GRACE_S = 1.0
+
 
 @dataclass(eq=False, slots=True)
 class Seat:
@@ -385,9 +389,18 @@ class Node:
         self._spawn(self._forget_if_empty(room))
 
     def seat_gone(self, room_name: str, actor: int) -> None:
+        """The backplane refused moves of a seat no longer in the room. Its LEAVE, which
+        tells why (4409: replaced), is on its way here on the room's stream, and closes
+        the seat with the matching code; this is the net for a LEAVE that never comes.
+        Closing now with 1011 could beat a 4409 LEAVE, and the client, rejoining, would
+        then replace its player's newer connection."""
         room = self.rooms.get(room_name)
         seat = room.seats.get(actor) if room is not None else None
         if seat is not None:
+            self.loop.call_later(SEAT_GONE_GRACE_S, self._if_still_seated, seat)
+
+    def _if_still_seated(self, seat: Seat) -> None:
+        if not seat.left and seat.room.seats.get(seat.actor) is seat:
             self._removed_elsewhere(seat, None)
 
     def _removed_elsewhere(self, seat: Seat, leave_code: int | None) -> None:

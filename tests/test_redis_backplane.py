@@ -13,6 +13,9 @@ from relay import protocol
 from relay.backplane.base import RoomFull
 from relay.backplane.redis import RedisBackplane
 from relay.config import Settings
+from relay.metrics import Stats
+from relay.node import LocalRoom, Node, Seat
+from relay.outbox import Outbox
 from relay.protocol import CloseCode, MsgType
 from relay.room import Entry, event_entry, state_entry
 from tests.redisproc import command
@@ -306,3 +309,36 @@ async def test_moves_of_a_seat_removed_meanwhile_do_not_follow_its_leave(started
     assert [e.value for e in seen_new.entries if e.kind is MsgType.EVENT] == [protocol.pack("new")]
     await seen_old.until(lambda: seen_old.gone == [actor])
     assert seen_old.moved == []
+
+
+async def test_a_node_told_its_seat_is_gone_waits_for_the_leave_to_learn_why(redis_server):
+    """A refused batch can reach the node before the LEAVE that says why the seat went.
+    Closed at once with 1011, a replaced player's old client would rejoin and replace its
+    new connection in turn: the node waits (SEAT_GONE_GRACE_S) for the LEAVE's code."""
+    nodes = [Node(RedisBackplane(Settings(redis=redis_server.url)), Settings(), Stats()) for _ in range(2)]
+    for node in nodes:
+        await node.start()
+    closes: dict[str, list[int]] = {"replaced": [], "lost": []}
+
+    def seat(player: str) -> Seat:
+        outbox = Outbox(soft_bytes=1 << 16, hard_bytes=1 << 18, max_frame_bytes=1 << 16)
+        return Seat(
+            room=LocalRoom("r"), player=player, meta={}, echo=False, outbox=outbox,
+            wake=lambda: None, close=lambda code, reason, flush: closes[player].append(code),
+        )
+
+    try:
+        old, new = nodes
+        replaced, lost = seat("replaced"), seat("lost")
+        await old.join(replaced)
+        await old.join(lost)
+        old.seat_gone("r", replaced.actor)  # as if the refusal beat the LEAVE here
+        old.seat_gone("r", lost.actor)  # a LEAVE that never comes (the seat is still in the room)
+        await new.join(seat("replaced"))  # the same player joins on the other node: LEAVE 4409
+        async with asyncio.timeout(timeout(5)):
+            while not closes["replaced"] or not closes["lost"]:
+                await asyncio.sleep(0.02)  # polling the recorded closes
+        assert closes == {"replaced": [4409], "lost": [1011]}
+    finally:
+        for node in nodes:
+            await node.close()
