@@ -443,7 +443,9 @@ def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
     if not protocol.ROOM_ID.fullmatch(room):
         return room, {}, "room must be 1-64 characters from A-Z a-z 0-9 _ . : -"
     try:
-        query = parse_qs(scope.get("query_string", b"").decode(), keep_blank_values=True)
+        # errors="strict": percent-escapes that are not UTF-8 are refused, not replaced
+        # with U+FFFD (two different player ids would then be the same one).
+        query = parse_qs(scope.get("query_string", b"").decode(), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         return room, {}, "query string is not UTF-8"
     one = {k: v[-1] for k, v in query.items()}

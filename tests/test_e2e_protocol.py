@@ -218,7 +218,13 @@ async def test_too_many_errors_closes_1008(relay_with, room):
 
 @pytest.mark.parametrize(
     ("path", "query"),
-    [("bad%20room", ""), ("x" * 65, ""), ("ok", "?echo=maybe"), ("ok", "?player=" + "p" * 65)],
+    [
+        ("bad%20room", ""),
+        ("x" * 65, ""),
+        ("ok", "?echo=maybe"),
+        ("ok", "?player=" + "p" * 65),
+        ("ok", "?player=%ff%fe"),  # not UTF-8: not made into U+FFFD, where two such ids would be one
+    ],
 )
 async def test_bad_room_or_query_closes_4400(relay, path, query):
     ws = await raw_connect(relay.url, path, query)

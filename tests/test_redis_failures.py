@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import urllib.error
 
 import pytest
 from relay_client import Error, Event, Leave, Resynced, connect, open_client
@@ -165,3 +166,19 @@ async def test_a_node_frozen_past_its_seats_window_closes_them_for_a_rejoin_and_
             assert not [m for m in got if isinstance(m, Event) and m.actor == leave.actor]
     finally:
         await x.close()
+
+
+async def test_reading_rooms_while_redis_stops_answering_is_a_503(redis_server, redis_relays, room):
+    [a] = redis_relays(redis_server.url, 1, node_ttl_s=TTL, redis_timeout_s=0.5)
+    async with connect(a.url, room, player="x"):
+        assert a.get_json(f"/rooms/{room}")["members"]
+        redis_server.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            for path in (f"/rooms/{room}", "/rooms"):
+                with pytest.raises(urllib.error.HTTPError) as answer:
+                    a.get_json(path)
+                assert answer.value.code == 503, path
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: ready(a), 15, "the backplane to come back")
+        assert a.get_json(f"/rooms/{room}")["members"]

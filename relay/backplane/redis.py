@@ -656,20 +656,34 @@ class RedisBackplane:
 
     # --- reading rooms (HTTP) ----------------------------------------------------------
 
+    # Redis can fail during a read that began while it was up: the caller (HTTP) gets
+    # Unavailable, a 503, not the error.
+
     async def rooms(self) -> dict[str, int]:
         if not self._up:
             raise Unavailable("the Redis backplane is unavailable")
-        names = await self.nodes.rooms()
-        pipe = self.link.pipeline()
-        for room in names:
-            pipe.hlen(f"{{{self.prefix}:{room}}}:mem")
-        counts = await pipe.execute() if names else []
+        try:
+            names = await self.nodes.rooms()
+            pipe = self.link.pipeline()
+            for room in names:
+                pipe.hlen(f"{{{self.prefix}:{room}}}:mem")
+            counts = await pipe.execute() if names else []
+        except FAILURES as exc:
+            raise Unavailable(f"the Redis backplane is unavailable: {exc}") from exc
         return {room: n for room, n in zip(names, counts) if n}
 
     async def room(self, room: str) -> RoomState | None:
         if not self._up:
             raise Unavailable("the Redis backplane is unavailable")
-        reply = await self.link.client.evalsha(self._script("READ"), 1, self._room_meta(room), 0, -1)
+        read = (self._script("READ"), 1, self._room_meta(room), 0, -1)
+        try:
+            try:
+                reply = await self.link.client.evalsha(*read)
+            except NoScriptError:  # a restarted Redis forgot the scripts
+                await self.link.load_scripts()
+                reply = await self.link.client.evalsha(*read)
+        except FAILURES as exc:
+            raise Unavailable(f"the Redis backplane is unavailable: {exc}") from exc
         if not reply:
             return None
         state = RoomState(room, epoch=reply[0].decode(), offset=reply[1])
