@@ -59,6 +59,11 @@ class Settings:
     outbox_hard_bytes: int = _setting(262144, "queued bytes past which oldest EVENTs are dropped")
     slow_client_timeout_s: float = _setting(5.0, "time past the hard limit before close 4008")
     max_out_frame_bytes: int = _setting(262144, "largest frame the server sends (batches split)")
+    send_buffer_bytes: int = _setting(
+        65536,
+        "kernel send buffer per WebSocket (SO_SNDBUF, which Linux doubles); 0: the OS's own, which grows "
+        "to MBs for a slow reader, beyond the outbox's limits",
+    )
     flush_ms: float = _setting(0.0, "fixed flush tick in ms; 0 sends as soon as the socket can")
     batch_us_per_member: float = _setting(
         50.0, "a busy room's moves wait up to this many us per local member to share a frame"

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 from collections.abc import Callable
@@ -77,6 +78,17 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
         self._parser_idle = False  # websockets' parser known to wait between frames
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Data in the kernel's send buffer is out of the outbox's reach: it can be neither
+        # coalesced nor dropped, and for a slow reader Linux grows that buffer to megabytes.
+        # A fixed size keeps a slow reader's backlog in the outbox, where its limits apply.
+        size = getattr(self.config, "relay_send_buffer_bytes", 0)
+        sock = transport.get_extra_info("socket")
+        if size and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def handle_ping(self) -> None:
         # websockets answers every ping with a pong. A peer that floods pings and

@@ -258,9 +258,12 @@ def close_code_in(stream: bytes) -> int | None:
 
 def closing_relay(relay_with, max_close_wait_s: float):
     """A relay that closes a congested reader quickly (4008), then gives it close_timeout_s
-    0.5 s at a time, up to ``max_close_wait_s``, to read its way to the close frame."""
+    0.5 s at a time, up to ``max_close_wait_s``, to read its way to the close frame. The
+    kernel's send buffer is the OS's own (send_buffer_bytes=0), which grows to MBs: a
+    backlog that takes many close_timeout_s to read."""
     return relay_with(
         outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, close_timeout_s=0.5,
+        send_buffer_bytes=0,
         max_close_wait_s=max_close_wait_s, ping_interval_s=60, ping_timeout_s=60,
         max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
     )
@@ -321,3 +324,25 @@ async def test_a_closing_peer_that_reads_too_slowly_is_cut_off_at_max_close_wait
             stream = await reading if reading is not None else b""
             slow.close()
     assert close_code_in(stream) is None  # it never got as far as its close frame
+
+
+@pytest.mark.parametrize("send_buffer_bytes", [65536, 0], ids=["fixed", "os"])
+async def test_a_slow_readers_backlog_stays_in_reach_of_the_outbox(relay_with, room, send_buffer_bytes):
+    """With a fixed kernel send buffer (send_buffer_bytes), a reader that stalls has its
+    backlog in the outbox, where EVENTs are dropped past the hard limit (and it is told).
+    Left to Linux, that buffer grows to megabytes, out of reach: nothing is dropped."""
+    server = relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=60, send_buffer_bytes=send_buffer_bytes,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="talker") as talker:
+        slow = await stalled_reader(server.url, room)
+        try:
+            for i in range(150):  # 900 KB: far past the fixed buffer and the hard limit
+                talker.send_event([i, MOVE])
+                await talker.flush()  # one move per frame (max_frame_bytes)
+            await talker.ping()  # all taken and relayed
+            dropped = metric(server, "relay_dropped_events_total")
+        finally:
+            slow.transport.abort()  # a close handshake would wait behind the backlog
+    assert (dropped > 0) == bool(send_buffer_bytes), dropped
