@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     report.write_markdown(runs, checks, markdown)
     made = [] if args.no_plots else plots.write_all(runs, out)
     say(f"\nresults: {out}, {markdown}" + "".join(f"\nplot: {p}" for p in made))
+    if not args.no_plots and not plots.available():
+        say("no plots: matplotlib is not installed (pip install -e '.[bench]')")
     return 0 if any("figures" in r for r in runs) else 1
 
 

@@ -130,6 +130,14 @@ def ramp(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def available() -> bool:
+    try:
+        _pyplot()
+    except ImportError:
+        return False
+    return True
+
+
 def write_all(runs: list[dict], out_json: Path) -> list[Path]:
     """Write ``<stem>-latency.png``, ``<stem>-cpu.png``, ``<stem>-ramp.png`` beside the JSON."""
     try:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -105,8 +106,28 @@ def json(data: Any, status: int = 200) -> Response:
 RUNNING: set[Relay] = set()
 
 
+class RedactSecrets(logging.Filter):
+    """uvicorn logs each WebSocket's path with its query string at INFO: keep the
+    players' tokens and resume tokens (bearer secrets both) out of the logs."""
+
+    SECRET = re.compile(r"\b(token|resume)=[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message or "resume=" in message:
+            record.msg, record.args = self.SECRET.sub(r"\1=<redacted>", message), ()
+        return True
+
+
+def redact_secrets_in_logs() -> None:
+    logger = logging.getLogger("uvicorn.error")  # where uvicorn logs "WebSocket /ws/... [accepted]"
+    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+        logger.addFilter(RedactSecrets())
+
+
 def create_app(settings: Settings | None = None, backplane: Backplane | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    redact_secrets_in_logs()  # here: it runs in every worker process
     if backplane is None and settings.redis:
         from relay.backplane.redis import RedisBackplane  # imports redis only when a URL is given
 

@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from relay import auth
-from relay_client import Error, Event, Leave, RelayClosed, State, connect, open_client
+from relay_client import Error, Event, Leave, RelayClosed, Resumed, State, connect, open_client
 from tests.helpers import closed, collect, next_of
 from tests.relayproc import free_port
 
@@ -225,3 +225,18 @@ async def test_first_connect_moves_past_an_unreachable_node_but_not_past_a_verdi
         async with connect([secured.url, nobody], room, token="not-a-token"):
             pass
     assert info.value.code == 4001
+
+
+async def test_tokens_and_resume_tokens_stay_out_of_the_log(relay_with, room):
+    # uvicorn logs each WebSocket's path and query at INFO: both are bearer secrets.
+    server = relay_with(secret=SECRET, log_level="info")
+    token = cli_token("--player", "ann", "--room", "test:*")
+    async with connect(server.url, room, token=token) as client:
+        resume = client.resume_token
+        client.ws.transport.abort()  # the client comes back with ?resume=...&token=...
+        await next_of(client, Resumed, seconds=10)
+    server.log.seek(0)
+    log = server.log.read().decode(errors="replace")
+    assert "[accepted]" in log and "token=<redacted>" in log and "resume=<redacted>" in log
+    assert token not in log and token.split(".")[2] not in log
+    assert resume.split(".", 1)[1] not in log

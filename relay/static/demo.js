@@ -41,6 +41,7 @@ const NEIGHBOURS = [
 const params = new URLSearchParams(location.search);
 const room = params.get('room') || 'grid:lobby';
 const name = params.get('name') || randomName();
+const token = params.get('token') || undefined; // for a relay with --secret (`relay token`)
 
 const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
 const arena = $('arena');
@@ -51,7 +52,7 @@ document.title = `${name} · ${room} · relay`;
 let client;
 try {
   // echo: our own STATE and EVENT come back in room order, which confirms a move.
-  client = new RelayClient({ room, name, echo: true });
+  client = new RelayClient({ room, name, echo: true, token });
 } catch (err) {
   setStatus('closed', String(err.message ?? err));
   throw err;
