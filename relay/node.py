@@ -213,9 +213,13 @@ class Node:
         self.tokens[seat.resume_token] = seat
         now = time.monotonic()
         seen = joined.offset  # the seat has the room up to here
+        back = None
         if missed is not None:
             assert resume is not None and resume.offset is not None
-            seat.outbox.push_control(self._welcome(seat, _as_of(joined, room.state, resume.offset)), now)
+            back = _as_of(joined, room.state, resume.offset, missed)
+        if back is not None:
+            assert missed is not None and resume is not None and resume.offset is not None
+            seat.outbox.push_control(self._welcome(seat, back), now)
             self._replay(seat, missed, now)
             # What this node has delivered so far may end before the takeover's offset:
             # the rest comes through deliver(), so the seat must take it from here.
@@ -347,7 +351,11 @@ class Node:
             epoch=state.epoch,
         )
         if missed is not None and offset is not None:
-            joined = _as_of(joined, state, offset)
+            back = _as_of(joined, state, offset, missed)
+            if back is None:
+                missed = None  # a fresh snapshot at the current offset instead
+            else:
+                joined = back
         old.outbox.push_control(self._welcome(old, joined), now)
         if missed:
             self._replay(old, missed, now)
@@ -801,15 +809,16 @@ def _decode(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
-def _as_of(joined: Joined, state: RoomState, offset: int) -> Joined:
+def _as_of(joined: Joined, state: RoomState, offset: int, missed: list[Entry] | None = None) -> Joined | None:
     """A resume's WELCOME: the member list and snapshot as they were at ``offset``, which
-    the replay that follows then brings up to date. Where the mirror's undo log does not
-    reach back that far (a room new to this node), they stay as they are now: replaying
-    over them ends in the same state, since STATE is last-write-wins and JOIN and LEAVE
-    are idempotent."""
-    at = state.rewound(offset)
+    the replay that follows (``missed``) then brings up to date. The mirror's undo log
+    rewinds it, then the undo records that Redis keeps with its history take it on (a
+    room new to this node, whose mirror starts at the takeover). None where neither
+    reaches: the seat then gets a fresh snapshot at the current offset, since a WELCOME
+    must hold the room exactly as of its offset."""
+    at = state.rewound(offset, missed)
     if at is None:
-        return replace(joined, offset=offset)
+        return None
     members, snapshot = at
     return replace(joined, members=members, snapshot=snapshot, offset=offset)
 

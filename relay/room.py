@@ -43,6 +43,9 @@ class Entry:
     member: Member | None = None  # JOIN: who joined
     offset: int = 0
     wire: bytes = b""  # head + offset, the bytes every recipient gets
+    # From a room's history in Redis: ``(what it replaced,)``, as the undo log keeps it
+    # (a STATE's previous value or None, a LEAVE's (member, values)); None: not known.
+    undo: tuple[Any] | None = None
 
     @property
     def droppable(self) -> bool:
@@ -163,32 +166,29 @@ class RoomState:
             self.undo_floor = oldest[0]
             self.undo_used -= oldest[5]
 
-    def rewound(self, offset: int) -> tuple[list[tuple[int, str, dict[str, Any]]], dict[int, dict[str | int, bytes]]] | None:
+    def rewound(
+        self, offset: int, older: list[Entry] | None = None
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], dict[int, dict[str | int, bytes]]] | None:
         """The member list and snapshot as they were at ``offset``; None when the undo
-        log no longer reaches back that far."""
-        if offset < self.undo_floor or offset > self.offset or (not self.undo_size and offset < self.offset):
+        log no longer reaches back that far, and ``older`` (entries of the room's history
+        that carry their own undo records, as Redis keeps them) does not take it on from
+        there to ``offset`` either."""
+        if offset > self.offset or (not self.undo_size and offset < self.offset):
             return None
+        floor = self.undo_floor
+        steps: list[Entry] = []
+        if offset < floor:
+            steps = [e for e in older or () if offset < e.offset <= floor]
+            if [e.offset for e in steps] != list(range(offset + 1, floor + 1)) or any(e.undo is None for e in steps):
+                return None
         members = dict(self.members)
         snapshot = {actor: dict(values) for actor, values in self.snapshot.items()}
         for at, kind, actor, key, before, _ in reversed(self.undo or ()):
             if at <= offset:
                 break
-            if kind is STATE:
-                values = snapshot.setdefault(actor, {})
-                if before is None:
-                    values.pop(key, None)
-                    if not values:
-                        del snapshot[actor]
-                else:
-                    values[key] = before
-            elif kind is JOIN:
-                members.pop(actor, None)
-                snapshot.pop(actor, None)
-            else:  # LEAVE: the member comes back, with its STATE
-                member, values = before
-                members[actor] = member
-                if values:
-                    snapshot[actor] = dict(values)
+            _undo(members, snapshot, kind, actor, key, before)
+        for e in reversed(steps):
+            _undo(members, snapshot, e.kind, e.actor, e.key, e.undo[0])  # type: ignore[index]
         return [members[a].as_wire() for a in sorted(members)], snapshot
 
     def member_list(self) -> list[tuple[int, str, dict[str, Any]]]:
@@ -202,6 +202,29 @@ class RoomState:
             if member.player == player:
                 return member
         return None
+
+
+def _undo(
+    members: dict[int, Member], snapshot: dict[int, dict[str | int, bytes]], kind: MsgType, actor: int,
+    key: Any, before: Any,
+) -> None:
+    """Take one entry back out of ``members`` and ``snapshot``; ``before`` is what it replaced."""
+    if kind is STATE:
+        values = snapshot.setdefault(actor, {})
+        if before is None:
+            values.pop(key, None)
+            if not values:
+                del snapshot[actor]
+        else:
+            values[key] = before
+    elif kind is JOIN:
+        members.pop(actor, None)
+        snapshot.pop(actor, None)
+    elif kind is LEAVE:  # the member comes back, with its STATE
+        member, values = before
+        members[actor] = member
+        if values:
+            snapshot[actor] = dict(values)
 
 
 KEY_COST = 64  # what a snapshot key counts against max_snapshot_bytes: the longest a key may be

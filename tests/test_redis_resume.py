@@ -332,3 +332,49 @@ async def test_a_seat_resumed_on_its_own_node_in_a_busy_room_stays_resumed(redis
             assert not [m for m in seen if isinstance(m, Leave)]  # nobody saw it leave
         finally:
             await again.close()
+
+
+@pytest.mark.parametrize("where", ["a node new to the room", "the same node"])
+async def test_a_resume_welcome_is_the_room_at_the_clients_offset_past_the_mirrors_undo_log(
+    redis_server, redis_relays, room, where
+):
+    """Everyone plays on ``a``; p resumes on ``b``, which has no copy of the room before
+    the takeover, or on ``a``, whose undo log (history_size changes) no longer reaches
+    back that far. Either way its WELCOME must be the room as of its offset, rewound with
+    the undo records Redis keeps in the room's history, then exactly what followed."""
+    a, b = redis_relays(redis_server.url, 2, history_size=30, **BUSY)
+    target = b if where == "a node new to the room" else a
+    p = await raw_connect(a.url, room, "?player=p")
+    [welcome] = await raw_messages(p)
+    actor, epoch, token = welcome[2], welcome[9], welcome[10]
+    async with connect(a.url, room, player="q") as q:
+        r = await open_client(a.url, room, player="r", auto_resume=False)
+        q.send_state("k", "v0")
+        r.send_state("s", 1)
+        seen: list = []
+        while sum(m[0] == 2 for m in seen) < 2:
+            seen += await raw_messages(p)
+        offset = seen[-1][-1]  # p's view ends at both STATEs
+        p.transport.abort()  # the network drops
+        await held_on(a, 1)
+        for i in range(40):  # more changes than the undo log keeps (history_size)
+            q.send_state("k", f"v{i + 1}")
+        await q.ping()  # taken, and queued for the room's order before what follows
+        await r.close()  # LEAVE, with its STATE gone
+        async with connect(a.url, room, player="t") as t:  # JOIN, and a STATE of its own
+            t.send_state("u", 2)
+            await t.ping()
+            last = (await asyncio.to_thread(a.get_json, f"/rooms/{room}"))["offset"]
+            again = await raw_connect(target.url, room, f"?player=p&resume={token}&offset={offset}&epoch={epoch}")
+            try:
+                got = await raw_messages(again)
+                while got[-1][-1] != last:
+                    got += await raw_messages(again)
+            finally:
+                await again.close()
+    [resumed, *replay] = got
+    assert resumed[2] == actor and resumed[9] == epoch and resumed[8] == offset
+    assert resumed[4] == [[actor, "p", {}], [q.actor, "q", {}], [r.actor, "r", {}]]  # r still there, t not yet
+    assert resumed[5] == {q.actor: {"k": "v0"}, r.actor: {"s": 1}}
+    assert [m[-1] for m in replay] == list(range(offset + 1, last + 1))  # all it missed, once
+    assert replay[-3:] == [[6, r.actor, 1000, last - 2], [5, t.actor, "t", {}, last - 1], [2, t.actor, "u", 2, last]]

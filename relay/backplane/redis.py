@@ -652,7 +652,13 @@ class RedisBackplane:
         batches = [msgpack.unpackb(b, raw=True) for b in reply[4]]
         if after < r.floor and (not batches or batches[0][1] > after + 1):
             return None
-        return [e for b in batches for e in lua.decode_batch(b, b[1]) if after < e.offset <= r.floor]
+        undos = reply[5] if len(reply) > 5 else [b""] * len(batches)
+        return [
+            e
+            for b, undo in zip(batches, undos)
+            for e in lua.decode_batch(b, b[1], undo)
+            if after < e.offset <= r.floor
+        ]
 
     # --- reading rooms (HTTP) ----------------------------------------------------------
 

@@ -15,6 +15,10 @@ and its complete wire bytes. ``data`` is never decoded, in Lua or on the nodes.
 The same message is appended to the room's recent history (a stream whose ids
 are ``0-<last offset>``, trimmed to about ``history_size`` entries), from which
 a node that lost its subscription replays what it missed, and a player resumes.
+Beside it the history keeps what each entry replaced (field ``u``, msgpack, one
+item per entry: a STATE's previous raw value or 0 when the key was unset, a
+LEAVE's ``[member blob, flat snapshot]``, 0 otherwise), so that any node can
+rewind the room to a resuming player's offset for its WELCOME.
 
 Keys of room R with prefix P (tag ``{P:R}``):
 
@@ -58,6 +62,7 @@ local CHANNEL, PUBLISH_COMMAND = tag .. ':ch', '%(publish)s'
 local HISTORY = tonumber(ARGV[1])
 local EPOCH, OFFSET, FIRST
 local out = {}
+local undo = {}  -- per entry, what it replaced (kept in the history only; see publish)
 
 local function snap_key(actor) return tag .. ':s:' .. actor end
 
@@ -69,8 +74,9 @@ local function open_room()
   return true
 end
 
-local function emit(kind, actor, keybin, vlen, head)
+local function emit(kind, actor, keybin, vlen, head, replaced)
   OFFSET = OFFSET + 1
+  undo[#undo + 1] = replaced or 0
   local n = #out
   out[n + 1] = kind
   out[n + 2] = actor
@@ -88,7 +94,8 @@ local function publish()
   local payload = cmsgpack.pack(msg)
   redis.call(PUBLISH_COMMAND, CHANNEL, payload)
   if HISTORY > 0 then  -- keeps at least the last HISTORY entries (whole batches)
-    redis.call('XADD', K_LOG, 'MINID', '~', '0-' .. math.max(OFFSET - HISTORY, 0), '0-' .. OFFSET, 'b', payload)
+    redis.call('XADD', K_LOG, 'MINID', '~', '0-' .. math.max(OFFSET - HISTORY, 0), '0-' .. OFFSET,
+      'b', payload, 'u', cmsgpack.pack(undo))
   end
 end
 
@@ -96,6 +103,7 @@ local function remove_member(actor, code)
   local blob = redis.call('HGET', K_MEM, actor)
   if not blob then return false end
   local player = cmsgpack.unpack(blob)[1]
+  local values = redis.call('HGETALL', snap_key(actor))
   redis.call('HDEL', K_MEM, actor)
   redis.call('HDEL', K_NOD, actor)
   redis.call('HDEL', K_TOK, actor)
@@ -103,7 +111,7 @@ local function remove_member(actor, code)
   redis.call('HDEL', K_HLD, actor)
   if redis.call('HGET', K_PLY, player) == tostring(actor) then redis.call('HDEL', K_PLY, player) end
   redis.call('DEL', snap_key(actor))
-  emit(6, actor, '', 0, '\148\6' .. cmsgpack.pack(actor) .. cmsgpack.pack(code))
+  emit(6, actor, '', 0, '\148\6' .. cmsgpack.pack(actor) .. cmsgpack.pack(code), {blob, values})
   return true
 end
 
@@ -169,7 +177,9 @@ end
 for i = 6, #ARGV, 5 do
   local kind, actor, keybin, vlen, head = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   if seat(actor) == 'mine' then
+    local replaced = 0
     if kind == 2 then
+      replaced = redis.call('HGET', snap_key(actor), keybin)  -- false: the key was not set
       local value = string.sub(head, -vlen)
       if value == '\192' then
         redis.call('HDEL', snap_key(actor), keybin)
@@ -177,7 +187,7 @@ for i = 6, #ARGV, 5 do
         redis.call('HSET', snap_key(actor), keybin, value)
       end
     end
-    emit(kind, actor, keybin, vlen, head)
+    emit(kind, actor, keybin, vlen, head, replaced)
   end
 end
 if ARGV[5] ~= '' then
@@ -307,19 +317,20 @@ return {removed, held}
 
 # Read the room. ARGV: history (unused), offset after which to return the
 # history (-1: none). Returns {} for no room, else {epoch, offset, members,
-# snapshot, batches} with batches the published messages whose last offset is
-# past the given one, oldest first.
+# snapshot, batches, undos} with batches the published messages whose last offset
+# is past the given one, oldest first, and for each its undo record (see publish).
 READ = r"""
 if not open_room() then return {} end
 local members, snapshot = read_members_and_snapshot()
-local batches = {}
+local batches, undos = {}, {}
 local after = tonumber(ARGV[2])
 if after >= 0 and after < OFFSET then
   for _, item in ipairs(redis.call('XRANGE', K_LOG, '0-' .. (after + 1), '+')) do
     batches[#batches + 1] = item[2][2]
+    undos[#undos + 1] = item[2][4] or ''  -- '': written before the history kept undo
   end
 end
-return {EPOCH, OFFSET, members, snapshot, batches}
+return {EPOCH, OFFSET, members, snapshot, batches, undos}
 """
 
 
@@ -336,8 +347,9 @@ def offset_len(offset: int) -> int:
     return 1 if offset < 0x80 else 2 if offset < 0x100 else 3 if offset < 0x10000 else 5 if offset < 1 << 32 else 9
 
 
-def decode_batch(items: list[Any], first: int) -> list[Entry]:
-    """Entries of a published batch: [epoch, first, (kind, actor, key, value_len, wire)*]."""
+def decode_batch(items: list[Any], first: int, undo: bytes = b"") -> list[Entry]:
+    """Entries of a published batch: [epoch, first, (kind, actor, key, value_len, wire)*];
+    ``undo``: the batch's undo record from the room's history (see the module's doc)."""
     entries = []
     offset = first
     unpack = msgpack.unpackb
@@ -356,7 +368,24 @@ def decode_batch(items: list[Any], first: int) -> list[Entry]:
             entry = Entry(msg_type, actor, b"", key=key, value=value, offset=offset, wire=wire)
         entries.append(entry)
         offset += 1
+    if undo:
+        for entry, replaced in zip(entries, msgpack.unpackb(undo, raw=True), strict=True):
+            entry.undo = (_replaced(entry, replaced),)
     return entries
+
+
+def _replaced(entry: Entry, replaced: Any) -> Any:
+    """An undo record item as RoomState's undo log keeps it."""
+    if entry.kind is protocol.STATE:
+        return replaced if type(replaced) is bytes else None  # 0: the key was not set
+    if entry.kind is protocol.LEAVE:
+        blob, flat = replaced
+        player, meta = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        values = {
+            msgpack.unpackb(flat[j], raw=False, strict_map_key=False): flat[j + 1] for j in range(0, len(flat), 2)
+        }
+        return Member(entry.actor, player, meta), values
+    return None
 
 
 def decode_members(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
