@@ -198,6 +198,9 @@ class Node:
         seat.actor = joined.member.actor
         if resume is not None:
             seat.secret, seat.last_seq = resume.secret, joined.last_seq
+            if joined.directs:  # kept by the backplane while the seat was held: before any passed on since
+                kept = [*joined.directs, *(seat.held_directs or [])]
+                seat.held_directs = kept[-self.settings.max_held_directs :]
         seat.resume_token = f"{seat.actor}.{seat.secret}"
         if room.state is None or room.state.epoch != joined.epoch:
             s = self.settings

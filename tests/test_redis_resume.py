@@ -378,3 +378,29 @@ async def test_a_resume_welcome_is_the_room_at_the_clients_offset_past_the_mirro
     assert resumed[5] == {q.actor: {"k": "v0"}, r.actor: {"s": 1}}
     assert [m[-1] for m in replay] == list(range(offset + 1, last + 1))  # all it missed, once
     assert replay[-3:] == [[6, r.actor, 1000, last - 2], [5, t.actor, "t", {}, last - 1], [2, t.actor, "u", 2, last]]
+
+
+async def test_directs_to_a_seat_whose_node_went_away_are_kept_for_its_resume(redis_server, redis_relays, room):
+    """No node serves a seat held after its node stopped: Redis keeps the DIRECTs sent to
+    it meanwhile (the last max_held_directs), and its resume, anywhere, gets them once."""
+    a, b = redis_relays(redis_server.url, 2, max_held_directs=3)
+    async with connect(b.url, room, player="sender") as sender:
+        away = await open_client(a.url, room, player="away", auto_resume=False)
+        actor, token, offset, epoch = away.actor, away.resume_token, away.offset, away.epoch
+        await collect(sender, lambda ms: actor in sender.members)
+        a.proc.send_signal(signal.SIGTERM)  # graceful: 1001, and the seat stays held in Redis
+        assert (await closed(away, seconds=10)).code == 1001
+        await exited(a)
+        for i in range(5):
+            sender.send_direct(actor, f"while away {i}")
+        await sender.ping()  # all taken
+        again = await open_client(b.url, room, player="away", resume=token, offset=str(offset), epoch=epoch)
+        try:
+            assert again.actor == actor
+            got = await collect(again, lambda ms: len([m for m in ms if isinstance(m, Direct)]) == 3, seconds=10)
+            assert [m.data for m in got if isinstance(m, Direct)] == [f"while away {i}" for i in (2, 3, 4)]
+            sender.send_direct(actor, "back")  # and after the resume, as usual
+            assert (await next_of(again, Direct)).data == "back"
+        finally:
+            await again.close()
+        await away.close()

@@ -20,7 +20,7 @@ once for every implementation:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay.room import Entry, Member, RoomState
@@ -42,6 +42,7 @@ class Joined:
     offset: int
     epoch: str
     last_seq: int | None = None  # a takeover: the highest seq the room has taken from the seat
+    directs: list[bytes] = field(default_factory=list)  # a takeover: DIRECTs kept for the seat meanwhile
 
 
 class Receiver(Protocol):

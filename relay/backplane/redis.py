@@ -256,7 +256,7 @@ class RedisBackplane:
         r, reply = await self._call(room, "takeover", [self.node_id, 0, actor, secret, player])
         if reply[0] != 1:
             return None
-        _, epoch, offset, members, snapshot, last_seq = reply
+        _, epoch, offset, members, snapshot, last_seq, kept = reply
         epoch = epoch.decode()
         self._adopt(r, epoch, offset)
         r.seated[actor] = epoch
@@ -269,6 +269,7 @@ class RedisBackplane:
             offset=offset,
             epoch=epoch,
             last_seq=int(last_seq) if last_seq is not None else None,
+            directs=list(kept),
         )
 
     async def _call(self, room: str, kind: str, args: list[Any]) -> tuple[_Room, Any]:
@@ -309,7 +310,8 @@ class RedisBackplane:
 
     def direct(self, room: str, to_actor: int, wire: bytes, from_actor: int | None = None, seq: int = 0) -> None:
         sender = "" if from_actor is None else from_actor
-        self._enqueue(self._room(room), _Op("direct", args=[sender, seq, protocol.pack([0, to_actor, wire])]))
+        message = protocol.pack([0, to_actor, wire])
+        self._enqueue(self._room(room), _Op("direct", args=[sender, seq, message, to_actor, wire]))
 
     def _enqueue(self, r: _Room, op: _Op) -> None:
         r.ops.append(op)
@@ -400,7 +402,10 @@ class RedisBackplane:
             return ("SADD", self.nodes.rooms_key, r.name)
         if kind == "forget":
             return ("SREM", self.nodes.rooms_key, r.name)
-        return ("EVALSHA", self._script("DIRECT"), 1, r.meta, history, self.node_id, *op.args)
+        return (
+            "EVALSHA", self._script("DIRECT"), 1, r.meta, history, self.node_id, *op.args,
+            self.settings.max_held_directs,
+        )
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""

@@ -33,6 +33,8 @@ Keys of room R with prefix P (tag ``{P:R}``):
 ``{P:R}:seq``             hash: actor -> the highest seq taken from its seat
 ``{P:R}:hld``             hash: actor -> ``<deadline ms>/<close code>`` for a seat
                           held after its node went away
+``{P:R}:dir:<actor>``     list: DIRECTs sent to such a held seat, kept (the last
+                          ``max_held_directs``) for its player's resume
 ``{P:R}:s:<actor>``       hash: msgpack(key) -> raw msgpack data (the snapshot)
 ``{P:R}:log``             stream: the room's recent published batches
 ``{P:R}:ch``              the pub/sub channel (SPUBLISH in a Redis Cluster)
@@ -110,7 +112,7 @@ local function remove_member(actor, code)
   redis.call('HDEL', K_SEQ, actor)
   redis.call('HDEL', K_HLD, actor)
   if redis.call('HGET', K_PLY, player) == tostring(actor) then redis.call('HDEL', K_PLY, player) end
-  redis.call('DEL', snap_key(actor))
+  redis.call('DEL', snap_key(actor), tag .. ':dir:' .. actor)
   emit(6, actor, '', 0, '\148\6' .. cmsgpack.pack(actor) .. cmsgpack.pack(code), {blob, values})
   return true
 end
@@ -202,11 +204,19 @@ return {1, OFFSET, unpack(moved)}
 
 # A DIRECT. ARGV: history (unused), node, from actor (or '' for one kept for a
 # seat that moved, passed on), its seq, the message to publish ([0, to_actor,
-# wire]). Returns 1, or 0 when the sender's seat is no longer this node's.
+# wire]), to_actor, wire, max_held_directs. A DIRECT to a seat held after its node went away
+# (no node serves it) is kept for its player's resume (TAKEOVER hands it over).
+# Returns 1, or 0 when the sender's seat is no longer this node's.
 DIRECT = r"""
 if ARGV[3] ~= '' then
   if seat_of(ARGV[3], ARGV[2]) ~= 'mine' then return 0 end
   redis.call('HSET', K_SEQ, ARGV[3], ARGV[4])
+end
+if redis.call('HEXISTS', K_HLD, ARGV[6]) == 1 then
+  local kept = tag .. ':dir:' .. ARGV[6]
+  redis.call('RPUSH', kept, ARGV[7])
+  redis.call('LTRIM', kept, -tonumber(ARGV[8]), -1)
+  return 1
 end
 redis.call(PUBLISH_COMMAND, CHANNEL, ARGV[5])
 return 1
@@ -245,8 +255,8 @@ return {1, actor, EPOCH, OFFSET, members, snapshot}
 # it is this node's from now on. ARGV: history, node, join number, actor, token
 # secret, player. The node that served it hears [1, actor, node] on the room's
 # channel and lets it go without a LEAVE. Returns {1, epoch, offset, members,
-# snapshot, last seq or nil}, or {0} when there is no such seat (or the secret or
-# the player does not match).
+# snapshot, last seq or nil, DIRECTs kept for the seat while it was held}, or {0}
+# when there is no such seat (or the secret or the player does not match).
 TAKEOVER = r"""
 if not open_room() then return {0} end
 local actor = ARGV[4]
@@ -255,9 +265,11 @@ local blob = redis.call('HGET', K_MEM, actor)
 if not secret or secret ~= ARGV[5] or not blob or cmsgpack.unpack(blob)[1] ~= ARGV[6] then return {0} end
 redis.call('HSET', K_NOD, actor, ARGV[2] .. '/' .. ARGV[3])
 redis.call('HDEL', K_HLD, actor)
+local kept = redis.call('LRANGE', tag .. ':dir:' .. actor, 0, -1)
+redis.call('DEL', tag .. ':dir:' .. actor)
 redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({1, tonumber(actor), ARGV[2]}))
 local members, snapshot = read_members_and_snapshot()
-return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor)}
+return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor), kept}
 """
 
 # Remove one member, if this node still serves it. ARGV: history, epoch, actor,
