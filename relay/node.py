@@ -422,6 +422,10 @@ class Node:
         else:
             why = "this seat was removed from the room while its server was unreachable; rejoin"
             self.kick(seat, CloseCode.INTERNAL_ERROR, why, flush=True)
+        # No longer a member: what the room does next (its successor's JOIN, with the
+        # LEAVE before it not delivered to the seat itself) is not for it.
+        if seat.room.seats.get(seat.actor) is seat:
+            del seat.room.seats[seat.actor]
 
     def hand_off(self, seat: Seat) -> None:
         """This process is going away: its seat stays in the room, held by the backplane for
