@@ -34,10 +34,6 @@ from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_
 
 log = logging.getLogger("relay.node")
 
-# How long a seat whose moves the backplane refused (gone from the room) waits for its
-# LEAVE to arrive on the room's stream before it is closed anyway (see Node.seat_gone).
-SEAT_GONE_GRACE_S = 1.0
-
 
 @dataclass(eq=False, slots=True)
 class Seat:
@@ -100,6 +96,7 @@ class LocalRoom:
     view: RoomView | None = None
     last_publish: float = -1e9  # loop time of the room's last published batch
     publish_timer: asyncio.TimerHandle | None = None
+    gone_checks: list[tuple[int, Seat]] = field(default_factory=list)  # see Node.seat_gone
 
 
 class Node:
@@ -237,10 +234,11 @@ class Node:
         seat.after_offset = seen
         self._push_held_directs(seat, now)
         seat.wake()
-        if any(e.kind is LEAVE and e.actor == seat.actor and e.offset > joined.offset for e in chain.from_iterable(early)):
+        gone = [e for e in chain.from_iterable(early) if e.kind is LEAVE and e.actor == seat.actor and e.offset > joined.offset]
+        if gone:
             # Its player joined again while this join was on its way (with Redis, the JOIN
             # reply can come after the room's LEAVE for it): the room has replaced it already.
-            self.loop.call_soon(lambda: self.kick(seat, CloseCode.REPLACED, "this player joined again", flush=True))
+            self.loop.call_soon(self._removed_elsewhere, seat, _leave_code(gone[0]))
         return joined
 
     async def _missed(self, room_name: str, offset: int, epoch: str, actor: int) -> list[Entry] | None:
@@ -399,20 +397,28 @@ class Node:
         seat.held_directs = None
         self._spawn(self._forget_if_empty(room))
 
-    def seat_gone(self, room_name: str, actor: int) -> None:
-        """The backplane refused moves of a seat no longer in the room. Its LEAVE, which
-        tells why (4409: replaced), is on its way here on the room's stream, and closes
-        the seat with the matching code; this is the net for a LEAVE that never comes.
-        Closing now with 1011 could beat a 4409 LEAVE, and the client, rejoining, would
-        then replace its player's newer connection."""
+    def seat_gone(self, room_name: str, actor: int, offset: int) -> None:
+        """The backplane refused moves of a seat no longer in the room, whose order had
+        reached ``offset``. The seat's LEAVE, at or before it, tells why (4409: replaced)
+        and closes the seat with the matching code when it is delivered here. Closing now
+        with 1011 could beat a 4409 LEAVE, and the client, rejoining, would then replace
+        its player's newer connection. So the seat is closed with 1011 only if the room's
+        order reaches ``offset`` here and it is still seated (a LEAVE this node missed)."""
         room = self.rooms.get(room_name)
         seat = room.seats.get(actor) if room is not None else None
-        if seat is not None:
-            self.loop.call_later(SEAT_GONE_GRACE_S, self._if_still_seated, seat)
-
-    def _if_still_seated(self, seat: Seat) -> None:
-        if not seat.left and seat.room.seats.get(seat.actor) is seat:
+        if room is None or seat is None:
+            return
+        if room.state is not None and room.state.offset >= offset:
             self._removed_elsewhere(seat, None)
+        else:
+            room.gone_checks.append((offset, seat))
+
+    def _check_gone(self, room: LocalRoom, delivered: int) -> None:
+        due = [(at, seat) for at, seat in room.gone_checks if at <= delivered]
+        room.gone_checks = [(at, seat) for at, seat in room.gone_checks if at > delivered]
+        for _, seat in due:
+            if room.seats.get(seat.actor) is seat:
+                self._removed_elsewhere(seat, None)
 
     def _removed_elsewhere(self, seat: Seat, leave_code: int | None) -> None:
         """The room no longer has this node's seat: its player joined again (4409), or the
@@ -596,6 +602,8 @@ class Node:
                 gone = room.seats.get(entry.actor)
                 if gone is not None:  # seated here but removed elsewhere
                     self._removed_elsewhere(gone, _leave_code(entry))
+        if room.gone_checks:
+            self._check_gone(room, entries[-1].offset)
         seats = room.seats
         if not seats:
             return

@@ -183,11 +183,13 @@ def _first_event(frame: bytes, max_message_bytes: int, max_depth: int) -> tuple[
 
 def _decode_frame(frame: bytes, max_message_bytes: int, max_depth: int, frame_size: int) -> list[ClientMessage]:
     out: list[ClientMessage] = []
-    for _ in range(MAX_RESTARTS + 1):
-        frame = _decode_messages(frame, max_message_bytes, max_depth, frame_size, out)
+    frame = _decode_messages(frame, max_message_bytes, max_depth, frame_size, out)
+    for _ in range(MAX_RESTARTS - 1):
         if not frame:
             return out
-    out.append(Invalid(None, ErrorCode.MALFORMED, "too many unreadable messages in one frame"))
+        frame = _decode_messages(frame, max_message_bytes, max_depth, frame_size, out)
+    if frame:
+        out.append(Invalid(None, ErrorCode.MALFORMED, "too many unreadable messages in one frame"))
     return out
 
 
@@ -259,7 +261,7 @@ UNHASHABLE_KEY = "map keys must be strings, numbers, booleans or nil"
 
 
 def _unbuildable(exc: Exception) -> str:
-    return UNHASHABLE_KEY if isinstance(exc, TypeError) else f"a value is not valid msgpack: {exc}"
+    return UNHASHABLE_KEY if isinstance(exc, TypeError) else f"a value is not valid msgpack: {str(exc) or type(exc).__name__}"
 
 
 def _decode_message(
@@ -285,6 +287,8 @@ def _decode_message(
                 result = Ping(_raw_next(up, frame, max_depth))
             except _TooDeep:
                 result = Invalid(None, ErrorCode.MALFORMED, f"nested deeper than {max_depth}")
+            except (msgpack.FormatError, msgpack.StackError):
+                raise
             except (TypeError, ValueError) as exc:
                 raise _Unbuildable(None, _unbuildable(exc)) from None
             read = 2
@@ -302,6 +306,8 @@ def _decode_message(
             except _TooDeep as exc:
                 why = f"data nested deeper than max_depth ({max_depth})"
                 result, read = Invalid(seq, ErrorCode.MALFORMED, why), exc.args[0]
+            except (msgpack.FormatError, msgpack.StackError):
+                raise
             except (TypeError, ValueError) as exc:
                 raise _Unbuildable(seq, _unbuildable(exc)) from None
     # Trailing elements we do not know are ignored, as the protocol says. Each
@@ -316,6 +322,8 @@ def _decode_message(
 def _unpack(up: msgpack.Unpacker, seq: int | None) -> Any:
     try:
         return up.unpack()
+    except (msgpack.FormatError, msgpack.StackError):
+        raise  # the structure itself is broken: the frame ends here
     except (TypeError, ValueError) as exc:
         raise _Unbuildable(seq, _unbuildable(exc)) from None
 

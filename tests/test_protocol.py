@@ -518,10 +518,11 @@ def test_a_frame_of_unreadable_messages_is_refused_after_a_bound() -> None:
     # Each one costs a fresh Unpacker: past MAX_RESTARTS the rest is refused whole.
     bad = b"\x93\x01\x05\x81\x91\x01\x02"
     result = decode(bad * 1000 + GOOD_1)
-    assert len(result) == protocol.MAX_RESTARTS + 2
+    assert len(result) == protocol.MAX_RESTARTS + 1
     assert all(r == Invalid(5, ErrorCode.MALFORMED, protocol.UNHASHABLE_KEY) for r in result[:-1])
     malformed_frame(result)
-    assert decode(bad * protocol.MAX_RESTARTS + GOOD_1)[-1] == Event(1, b"\xa1a")
+    assert decode(bad * (protocol.MAX_RESTARTS - 1) + GOOD_1)[-1] == Event(1, b"\xa1a")
+    assert decode(bad * protocol.MAX_RESTARTS)[-1] == Invalid(5, ErrorCode.MALFORMED, protocol.UNHASHABLE_KEY)
 
 
 def test_many_trailing_elements_are_ignored_too() -> None:

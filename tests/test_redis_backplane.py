@@ -47,7 +47,7 @@ class Recorder:
         self.moved.append(actor)
         self.changed.set()
 
-    def seat_gone(self, room: str, actor: int) -> None:
+    def seat_gone(self, room: str, actor: int, offset: int) -> None:
         self.gone.append(actor)
         self.changed.set()
 
@@ -314,7 +314,7 @@ async def test_moves_of_a_seat_removed_meanwhile_do_not_follow_its_leave(started
 async def test_a_node_told_its_seat_is_gone_waits_for_the_leave_to_learn_why(redis_server):
     """A refused batch can reach the node before the LEAVE that says why the seat went.
     Closed at once with 1011, a replaced player's old client would rejoin and replace its
-    new connection in turn: the node waits (SEAT_GONE_GRACE_S) for the LEAVE's code."""
+    new connection in turn: the node waits for the room's order to reach the refusal."""
     nodes = [Node(RedisBackplane(Settings(redis=redis_server.url)), Settings(), Stats()) for _ in range(2)]
     for node in nodes:
         await node.start()
@@ -332,8 +332,11 @@ async def test_a_node_told_its_seat_is_gone_waits_for_the_leave_to_learn_why(red
         replaced, lost = seat("replaced"), seat("lost")
         await old.join(replaced)
         await old.join(lost)
-        old.seat_gone("r", replaced.actor)  # as if the refusal beat the LEAVE here
-        old.seat_gone("r", lost.actor)  # a LEAVE that never comes (the seat is still in the room)
+        at = old.rooms["r"].state.offset
+        old.seat_gone("r", replaced.actor, at + 2)  # the refusal of a batch after the LEAVE (+1), JOIN (+2) to come
+        assert closes == {"replaced": [], "lost": []}  # it waits for the room's order
+        old.seat_gone("r", lost.actor, at)  # no LEAVE in the order it had: a LEAVE this node missed
+        assert closes == {"replaced": [], "lost": [1011]}
         await new.join(seat("replaced"))  # the same player joins on the other node: LEAVE 4409
         async with asyncio.timeout(timeout(5)):
             while not closes["replaced"] or not closes["lost"]:
@@ -342,3 +345,23 @@ async def test_a_node_told_its_seat_is_gone_waits_for_the_leave_to_learn_why(red
     finally:
         for node in nodes:
             await node.close()
+
+
+async def test_a_node_taken_for_dead_takes_its_held_seats_back_when_it_beats_again(started):
+    """A node that stalled past its heartbeat's expiry finds its seats held for a resume
+    elsewhere: it takes them back, or DIRECTs to its live players would be kept for a
+    resume that never comes instead of reaching them."""
+    back, seen = await started(node_ttl_s=1)
+    other, _ = await started(node_ttl_s=1)
+    for backplane in (back, other):
+        await backplane.subscribe("r")
+    actor = (await back.join("r", "p", {}, max_players=8)).member.actor
+    client = other.link.client
+    await client.delete(f"relay:node:{back.node_id}")  # its heartbeat expired...
+    await client.hset("{relay:r}:hld", actor, "99999999999999/1006")  # ...and a reaper held its seat
+    async with asyncio.timeout(timeout(5)):
+        while await client.hexists("{relay:r}:hld", actor):
+            await asyncio.sleep(0.05)  # polling Redis for the node's next beats
+    other.direct("r", actor, b"\x94\x03\x01\x01\xa2hi")
+    await seen.until(lambda: seen.directs == [(actor, b"\x94\x03\x01\x01\xa2hi")])
+    assert not await client.exists(f"{{relay:r}}:dir:{actor}")

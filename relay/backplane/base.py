@@ -60,9 +60,10 @@ class Receiver(Protocol):
         """Another node took over this node's seat of ``actor`` (its player resumed there):
         let it go without a LEAVE, closing its connection here if it is still open."""
 
-    def seat_gone(self, room: str, actor: int) -> None:
+    def seat_gone(self, room: str, actor: int, offset: int) -> None:
         """This node's seat of ``actor`` is no longer in the room (removed while this node
-        was silent too long, or replaced): its moves were not taken; close it here."""
+        was silent too long, or replaced), whose order had reached ``offset``: its moves
+        were not taken; close it here."""
 
     def resync(self, room: str) -> None:
         """This node lost part of the room's order and could not repair it: its seats

@@ -121,7 +121,7 @@ class RedisBackplane:
             on_subscribed=self._on_subscribed,
             on_lost=self._lost_link,
         )
-        names = ("SEQUENCE", "DIRECT", "JOIN", "TAKEOVER", "LEAVE", "RELEASE_SEATED_BY", "READ")
+        names = ("SEQUENCE", "DIRECT", "JOIN", "TAKEOVER", "LEAVE", "RELEASE_SEATED_BY", "RECLAIM", "READ")
         sharded_src = {name: getattr(lua, name) for name in names}
         self._sha = {
             (name, sharded): self.link.script(lua.source(body, sharded=sharded))
@@ -428,7 +428,7 @@ class RedisBackplane:
             for actor in result[2:]:
                 if actor < 0:
                     if r.seated.pop(-actor, None) is not None:
-                        self._receiver.seat_gone(r.name, -actor)
+                        self._receiver.seat_gone(r.name, -actor, result[1])
                 elif r.seated.pop(actor, None) is not None:
                     self._receiver.seat_moved(r.name, actor)
         if op.kind == "moves" and result[0] < 0:
@@ -614,12 +614,17 @@ class RedisBackplane:
         """Heartbeat every 0.15 node_ttl_s; look for dead nodes every 0.2 node_ttl_s."""
         ttl = self.settings.node_ttl_s
         next_reap = 0.0
+        reclaims = 0
         while not self._closed:
             await asyncio.sleep(ttl * 0.15)
             if not self._up:
                 continue
             try:
-                await self.nodes.beat()
+                if await self.nodes.beat():
+                    reclaims = 2  # twice: a reaper that saw this node dead may hold its seats just after the first
+                if reclaims:
+                    await self._reclaim()
+                    reclaims -= 1
                 if not self.link.subscribers_up():
                     raise ConnectionError("a subscription was cut")
                 await self.link.ping_subscribers()
@@ -633,6 +638,18 @@ class RedisBackplane:
                     )
             except Exception as exc:  # noqa: BLE001  # this loop must outlive anything: it is the heartbeat
                 self._lost_link(exc)
+
+    async def _reclaim(self) -> None:
+        """Take back this node's seats that others hold for a resume elsewhere (see RECLAIM)."""
+        rooms = [r for r in self._rooms.values() if r.seated]
+        if not rooms:
+            return
+        pipe = self.link.pipeline()
+        for r in rooms:
+            self.link.evalsha(pipe, self._script("RECLAIM"), r.meta, [self.settings.history_size, self.node_id + "/"])
+        taken = sum(await pipe.execute())
+        if taken:
+            log.warning("redis backplane: this node was taken for dead; took back %d of its seats", taken)
 
     def _room_meta(self, room: str) -> str:
         return f"{{{self.prefix}:{room}}}:meta"

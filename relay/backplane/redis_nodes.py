@@ -41,11 +41,14 @@ class Nodes:
     def rooms_key_of(self, node: str) -> str:
         return f"{self.prefix}:node:{node}:rooms"
 
-    async def beat(self) -> None:
+    async def beat(self) -> bool:
+        """Refresh the heartbeat; True when it had expired (the others may have taken this
+        node for dead, and hold its seats), or this is the first."""
         pipe = self.link.pipeline()
-        pipe.set(self.heartbeat_key(self.node_id), 1, px=max(int(self.ttl_s * 600), 100))
+        pipe.set(self.heartbeat_key(self.node_id), 1, px=max(int(self.ttl_s * 600), 100), get=True)
         pipe.sadd(self.nodes_key, self.node_id)
-        await pipe.execute()
+        before, _ = await pipe.execute()
+        return before is None
 
     async def goodbye(self, *, seated: bool) -> None:
         """A clean shutdown: stop beating; forget the node unless it still has players."""

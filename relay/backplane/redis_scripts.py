@@ -327,6 +327,21 @@ drop_if_empty()
 return {removed, held}
 """
 
+# This node is back after the others took it for dead (its heartbeat had
+# expired): the seats they hold for a resume elsewhere, and that it still serves,
+# are its own again, and DIRECTs to them are published, not kept. ARGV: history
+# (unused), '<node>/'. Returns how many seats it took back.
+RECLAIM = r"""
+local who, taken = ARGV[2], 0
+local seats = redis.call('HGETALL', K_NOD)
+for i = 1, #seats, 2 do
+  if string.sub(seats[i + 1], 1, #who) == who then
+    taken = taken + redis.call('HDEL', K_HLD, seats[i])
+  end
+end
+return taken
+"""
+
 # Read the room. ARGV: history (unused), offset after which to return the
 # history (-1: none). Returns {} for no room, else {epoch, offset, members,
 # snapshot, batches, undos} with batches the published messages whose last offset
