@@ -220,7 +220,7 @@ def _undo(
     elif kind is JOIN:
         members.pop(actor, None)
         snapshot.pop(actor, None)
-    elif kind is LEAVE:  # the member comes back, with its STATE
+    elif kind is LEAVE and before is not None:  # the member comes back, with its STATE
         member, values = before
         members[actor] = member
         if values:

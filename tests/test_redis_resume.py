@@ -342,6 +342,8 @@ async def test_a_resume_welcome_is_the_room_at_the_clients_offset_past_the_mirro
     the takeover, or on ``a``, whose undo log (history_size changes) no longer reaches
     back that far. Either way its WELCOME must be the room as of its offset, rewound with
     the undo records Redis keeps in the room's history, then exactly what followed."""
+    # history_size 30: the node's undo log keeps 30 changes, and the Redis stream, trimmed
+    # with XADD MINID ~ (whole stream nodes of 100 entries), still holds the 40 and more.
     a, b = redis_relays(redis_server.url, 2, history_size=30, **BUSY)
     target = b if where == "a node new to the room" else a
     p = await raw_connect(a.url, room, "?player=p")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -318,6 +319,32 @@ def test_a_mirror_rewinds_to_exactly_the_room_at_an_earlier_offset(steps, undo_s
         assert mirror.rewound(max(reach, start)) is not None or not undo_size
     assert mirror.undo_used <= max(undo_bytes, 0) or not undo_bytes
     assert start == 0 or mirror.rewound(start - 1) is None
+    # With the undo records Redis keeps in the history, it reaches back to any offset.
+    older = with_undo_records(entries)
+    for offset in range(len(entries) + 1):
+        at = mirror.rewound(offset, older)
+        assert (at is None) == (offset > mirror.offset or (not undo_size and offset < mirror.offset)), offset
+        if at is not None:
+            back_then, _ = lived([])
+            for entry in entries[:offset]:
+                back_then.apply(entry)
+            assert at == (back_then.member_list(), back_then.snapshot), offset
+    gap = [e for e in older if e.offset != start]  # one missing: it cannot claim to reach past it
+    assert start == 0 or not undo_size or mirror.rewound(start - 1, gap) is None
+
+
+def with_undo_records(entries: list[Entry]) -> list[Entry]:
+    """The entries as the Redis history gives them: each with what it replaced."""
+    room, out = RoomState("r"), []
+    for e in entries:
+        before = None
+        if e.kind is MsgType.STATE and e.actor in room.members:
+            before = room.snapshot.get(e.actor, {}).get(e.key)  # type: ignore[arg-type]
+        elif e.kind is MsgType.LEAVE and e.actor in room.members:
+            before = (room.members[e.actor], dict(room.snapshot.get(e.actor, {})))
+        out.append(dataclasses.replace(e, undo=(before,)))
+        room.apply(e)
+    return out
 
 
 def test_history_keeps_at_most_history_bytes_of_messages() -> None:
