@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 import orjson
 from fastapi import FastAPI, Response
@@ -108,15 +109,28 @@ RUNNING: set[Relay] = set()
 
 class RedactSecrets(logging.Filter):
     """uvicorn logs each WebSocket's path with its query string at INFO: keep the
-    players' tokens and resume tokens (bearer secrets both) out of the logs."""
+    players' tokens and resume tokens (bearer secrets both) out of the logs. Names
+    are read as the relay reads them (percent-decoded: ``%74oken`` is ``token``)."""
 
-    SECRET = re.compile(r"\b(token|resume)=[^&\s\"']+")
+    QUERY = re.compile(r"\?([^\s\"']+)")
+    SECRETS = frozenset({"token", "resume"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message or "resume=" in message:
-            record.msg, record.args = self.SECRET.sub(r"\1=<redacted>", message), ()
+        if "?" in message:
+            redacted = self.QUERY.sub(self._redact, message)
+            if redacted != message:
+                record.msg, record.args = redacted, ()
         return True
+
+    def _redact(self, match: re.Match[str]) -> str:
+        pairs = parse_qsl(match.group(1), keep_blank_values=True)
+        if not any(name in self.SECRETS for name, _ in pairs):
+            return match.group(0)
+        return "?" + "&".join(
+            f"{quote(name)}=<redacted>" if name in self.SECRETS else f"{quote(name)}={quote(value)}"
+            for name, value in pairs
+        )
 
 
 def redact_secrets_in_logs() -> None:

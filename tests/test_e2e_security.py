@@ -13,7 +13,7 @@ import websockets
 
 from relay import auth
 from relay_client import Error, Event, Leave, RelayClosed, Resumed, State, connect, open_client
-from tests.helpers import closed, collect, next_of
+from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
 from tests.relayproc import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -240,3 +240,9 @@ async def test_tokens_and_resume_tokens_stay_out_of_the_log(relay_with, room):
     assert "[accepted]" in log and "token=<redacted>" in log and "resume=<redacted>" in log
     assert token not in log and token.split(".")[2] not in log
     assert resume.split(".", 1)[1] not in log
+    # A name the relay reads percent-decoded is redacted as such.
+    ws = await raw_connect(server.url, room, f"?%74oken={token}&player=x")
+    await raw_messages(ws)
+    await ws.close()
+    server.log.seek(0)
+    assert token.split(".")[2] not in server.log.read().decode(errors="replace")
