@@ -212,10 +212,14 @@ if ARGV[3] ~= '' then
   if seat_of(ARGV[3], ARGV[2]) ~= 'mine' then return 0 end
   redis.call('HSET', K_SEQ, ARGV[3], ARGV[4])
 end
-if redis.call('HEXISTS', K_HLD, ARGV[6]) == 1 then
+local held = redis.call('HGET', K_HLD, ARGV[6])
+if held then
   local kept = tag .. ':dir:' .. ARGV[6]
   redis.call('RPUSH', kept, ARGV[7])
   redis.call('LTRIM', kept, -tonumber(ARGV[8]), -1)
+  -- Gone with the seat (its resume or its LEAVE); and at the latest a minute after its
+  -- hold ends, should anything ever leave the list behind.
+  redis.call('PEXPIREAT', kept, tonumber(string.match(held, '^(%d+)/')) + 60000)
   return 1
 end
 redis.call(PUBLISH_COMMAND, CHANNEL, ARGV[5])
