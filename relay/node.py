@@ -228,9 +228,14 @@ class Node:
             seat.outbox.push_control(self._welcome(seat, joined), now)
         for entries in early:
             later = [e for e in entries if e.offset > seen]
+            own_leave = next((i for i, e in enumerate(later) if e.kind is LEAVE and e.actor == seat.actor), None)
+            if own_leave is not None:
+                later = later[:own_leave]  # the seat is no member past its own LEAVE (closed below)
             if later:
                 self._push(seat, Batch(b"".join(e.wire for e in later), later), now)
                 seen = later[-1].offset
+            if own_leave is not None:
+                break
         seat.after_offset = seen
         self._push_held_directs(seat, now)
         seat.wake()

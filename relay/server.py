@@ -63,6 +63,11 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop taking players, flush what is queued, close everyone with 1001."""
         self.closing = True
+        if self.settings.resume_window_s > 0:
+            try:
+                await self.node.backplane.hold_seats()
+            except Exception:  # noqa: BLE001 - shutting down all the same
+                log.exception("holding the seats for a resume elsewhere failed")
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down", flush=True)
         deadline = time.monotonic() + self.settings.shutdown_timeout_s

@@ -392,10 +392,10 @@ async def test_directs_to_a_seat_whose_node_went_away_are_kept_for_its_resume(re
         await collect(sender, lambda ms: actor in sender.members)
         a.proc.send_signal(signal.SIGTERM)  # graceful: 1001, and the seat stays held in Redis
         assert (await closed(away, seconds=10)).code == 1001
-        await exited(a)
-        for i in range(5):
+        for i in range(5):  # at once: held before its players heard 1001
             sender.send_direct(actor, f"while away {i}")
         await sender.ping()  # all taken
+        await exited(a)
         again = await open_client(b.url, room, player="away", resume=token, offset=str(offset), epoch=epoch)
         try:
             assert again.actor == actor

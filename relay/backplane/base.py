@@ -121,5 +121,9 @@ class Backplane(Protocol):
     async def room(self, room: str) -> RoomState | None:
         """A copy of the room's state, or None when it has no members."""
 
+    async def hold_seats(self) -> None:
+        """The process is shutting down: seats that outlive it (``hands_off_seats``) are
+        held for a resume elsewhere from now on, before their connections close."""
+
     def ready(self) -> bool:
         """Whether moves can be sequenced now (false while Redis is unreachable)."""

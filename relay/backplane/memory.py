@@ -93,6 +93,9 @@ class MemoryBackplane:
         state = self._rooms.get(room)
         return copy.deepcopy(state) if state is not None else None
 
+    async def hold_seats(self) -> None:
+        pass  # one process: its seats end with it
+
     def ready(self) -> bool:
         return True
 

@@ -136,6 +136,7 @@ class RedisBackplane:
         self._batches = itertools.count(1)
         self._up = False
         self._closed = False
+        self._seats_held = False  # by hold_seats, at shutdown
         self._broken = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,12 +171,35 @@ class RedisBackplane:
         while not self._up:
             await asyncio.sleep(0.01)  # start-up only: polling a flag set by the supervisor
 
+    async def hold_seats(self) -> None:
+        """This node is shutting down: hold its seats in Redis for their players to resume
+        elsewhere, now, before their connections are closed. From here on a DIRECT to one
+        of them is kept for its resume (DIRECT), where after its connection closed here it
+        would have been published to nobody. Waits (bounded) until Redis has them held."""
+        hold_ms = int(self.settings.resume_window_s * 1000)
+        if hold_ms <= 0 or self._seats_held:
+            return
+        self._seats_held = True
+        loop = asyncio.get_running_loop()
+        waits = []
+        for r in list(self._rooms.values()):
+            if r.seated:
+                op = _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1])
+                op.future = loop.create_future()
+                self._enqueue(r, op)
+                waits.append(op.future)
+        if waits:
+            await asyncio.wait(waits, timeout=self.settings.shutdown_timeout_s)
+            for future in waits:  # a failure was logged where it happened
+                if future.done() and not future.cancelled():
+                    future.exception()
+
     async def close(self) -> None:
         """Send what is queued (bounded), say goodbye, and disconnect."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         hold_ms = int(self.settings.resume_window_s * 1000)
         for r in list(self._rooms.values()):
-            if r.seated and hold_ms > 0:  # held in Redis, for their players to resume elsewhere
+            if r.seated and hold_ms > 0 and not self._seats_held:  # held in Redis, for a resume elsewhere
                 self._enqueue(r, _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1]))
         while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
             self._wake.set()
@@ -443,6 +467,8 @@ class RedisBackplane:
                     self._enqueue(r, _Op("leave", args=[result[2].decode(), result[1], 1006, self.node_id]))
                 else:  # exactly this takeover's seat (a later one here may hold it now)
                     self._enqueue(r, _Op("cancel", args=[f"{self.node_id}/{op.batch}", 1006, 0, 0]))
+        elif op.future is not None and not op.future.done():  # someone waits for it to be applied
+            op.future.set_result(result)
         return True
 
     def _join_lost(self, op: _Op, exc: BaseException) -> None:
