@@ -177,8 +177,8 @@ class RedisBackplane:
         of them is kept for its resume (DIRECT), where after its connection closed here it
         would have been published to nobody. Waits (bounded) until Redis has them held."""
         hold_ms = int(self.settings.resume_window_s * 1000)
-        if hold_ms <= 0 or self._seats_held:
-            return
+        if hold_ms <= 0 or self._seats_held or not self._up:
+            return  # (with Redis down, close() queues the hold behind what waits for it)
         self._seats_held = True
         loop = asyncio.get_running_loop()
         waits = []
