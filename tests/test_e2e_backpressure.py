@@ -19,6 +19,11 @@ from tests.relayproc import timeout
 pytestmark = pytest.mark.asyncio
 
 SOFT, HARD = 16 * 1024, 64 * 1024
+# run_room's fast players each take 3.6 MB/s against an outbox of HARD bytes: on a busy
+# test machine a reading pause of 50 ms would drop moves for them too. The kernel's own
+# send buffer (send_buffer_bytes 0, MBs) gives them the slack that the defaults (a
+# 256 KiB outbox at game rates of KB/s) give real players.
+FAST_PLAYERS_SLACK = {"send_buffer_bytes": 0}
 MOVE = b"x" * 6000  # big moves, so the kernel socket buffers (up to 4 MB here) fill quickly
 
 
@@ -96,7 +101,7 @@ async def drain_slow(slow) -> tuple[list, int | None]:
 async def test_slow_reader_gets_coalesced_and_dropped_while_others_get_everything(relay_with, room):
     server = relay_with(
         outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=60,
-        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8, **FAST_PLAYERS_SLACK,
     )
     rounds = 500
     fast, slow, samples, got = await run_room(server, room, rounds)
@@ -125,7 +130,7 @@ async def test_slow_reader_gets_coalesced_and_dropped_while_others_get_everythin
 async def test_reader_stalled_too_long_is_closed_4008(relay_with, room):
     server = relay_with(
         outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=0.5, resume_window_s=0.5,
-        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8,
+        max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8, burst_bytes=10**8, **FAST_PLAYERS_SLACK,
     )
     rounds = 500
     fast, slow, samples, got = await run_room(server, room, rounds)

@@ -12,7 +12,7 @@ from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resyn
 
 from tests.helpers import closed, collect, held_on, next_of, raw_connect, raw_messages
 from tests.test_e2e_resume import events, history_too_short_gives_a_fresh_snapshot, resume_welcome_is_the_room_at_the_clients_offset
-from tests.test_e2e_backpressure import HARD, SOFT, drain_slow, run_room
+from tests.test_e2e_backpressure import FAST_PLAYERS_SLACK, HARD, SOFT, drain_slow, run_room
 from tests.relayproc import timeout
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
@@ -202,7 +202,7 @@ async def test_seats_handed_off_by_a_stopped_node_leave_with_1001_if_nobody_resu
 
 SLOW_READER = {  # a reader that stalls soon and is closed fast; history enough for its replay
     "outbox_soft_bytes": SOFT, "outbox_hard_bytes": HARD, "slow_client_timeout_s": 0.5, "history_size": 5000,
-    "max_replay_bytes": 50 * 2**20, "max_bytes_per_s": 10**8, "burst_bytes": 10**8, **BUSY,
+    "max_replay_bytes": 50 * 2**20, "max_bytes_per_s": 10**8, "burst_bytes": 10**8, **BUSY, **FAST_PLAYERS_SLACK,
 }
 
 
