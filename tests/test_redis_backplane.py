@@ -332,7 +332,10 @@ async def test_a_node_told_its_seat_is_gone_waits_for_the_leave_to_learn_why(red
         replaced, lost = seat("replaced"), seat("lost")
         await old.join(replaced)
         await old.join(lost)
-        at = old.rooms["r"].state.offset
+        at = (await old.backplane.room("r")).offset  # type: ignore[union-attr]
+        async with asyncio.timeout(timeout(5)):
+            while old.rooms["r"].state.offset < at:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)  # polling: the room's order reaches this node's copy
         old.seat_gone("r", replaced.actor, at + 2)  # the refusal of a batch after the LEAVE (+1), JOIN (+2) to come
         assert closes == {"replaced": [], "lost": []}  # it waits for the room's order
         old.seat_gone("r", lost.actor, at)  # no LEAVE in the order it had: a LEAVE this node missed
