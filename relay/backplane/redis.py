@@ -184,7 +184,7 @@ class RedisBackplane:
         waits = []
         for r in list(self._rooms.values()):
             if r.seated:
-                op = _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1])
+                op = self._hold_op(hold_ms)
                 op.future = loop.create_future()
                 self._enqueue(r, op)
                 waits.append(op.future)
@@ -194,13 +194,17 @@ class RedisBackplane:
                 if future.done() and not future.cancelled():
                     future.exception()
 
+    def _hold_op(self, hold_ms: int) -> _Op:
+        """Hold this node's seats in a room for ``hold_ms``, for a resume elsewhere (1001 if none comes)."""
+        return _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1])
+
     async def close(self) -> None:
         """Send what is queued (bounded), say goodbye, and disconnect."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         hold_ms = int(self.settings.resume_window_s * 1000)
         for r in list(self._rooms.values()):
             if r.seated and hold_ms > 0 and not self._seats_held:  # held in Redis, for a resume elsewhere
-                self._enqueue(r, _Op("release", args=[self.node_id + "/", int(CloseCode.GOING_AWAY), hold_ms, 1]))
+                self._enqueue(r, self._hold_op(hold_ms))
         while self._up and any(r.ops for r in self._rooms.values()) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)  # shutdown only: waiting for the flusher to drain

@@ -412,10 +412,7 @@ def _replaced(entry: Entry, replaced: Any) -> Any:
     if entry.kind is protocol.LEAVE:
         blob, flat = replaced
         player, meta = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-        values = {
-            msgpack.unpackb(flat[j], raw=False, strict_map_key=False): flat[j + 1] for j in range(0, len(flat), 2)
-        }
-        return Member(entry.actor, player, meta), values
+        return Member(entry.actor, player, meta), _decode_values(flat)
     return None
 
 
@@ -431,9 +428,10 @@ def decode_members(flat: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
 def decode_snapshot(flat: list[Any]) -> dict[int, dict[str | int, bytes]]:
     snapshot: dict[int, dict[str | int, bytes]] = {}
     for i in range(0, len(flat), 2):
-        values = flat[i + 1]
-        snapshot[int(flat[i])] = {
-            msgpack.unpackb(values[j], raw=False, strict_map_key=False): values[j + 1]
-            for j in range(0, len(values), 2)
-        }
+        snapshot[int(flat[i])] = _decode_values(flat[i + 1])
     return snapshot
+
+
+def _decode_values(flat: list[Any]) -> dict[str | int, bytes]:
+    """One member's snapshot as HGETALL gives it: msgpack(key), raw value, ..."""
+    return {msgpack.unpackb(flat[j], raw=False, strict_map_key=False): flat[j + 1] for j in range(0, len(flat), 2)}
