@@ -70,3 +70,52 @@ async def held_on(relay: Any, count: int, seconds: float = 5) -> None:
     async with asyncio.timeout(timeout(seconds)):
         while f"relay_seats_held {count:.1f}" not in relay.get_text("/metrics"):
             await asyncio.sleep(0.02)  # polling another process's state
+
+
+class LinkCutter:
+    """A TCP proxy on 127.0.0.1 in front of a relay, to break the network between a
+    client and the relay: ``cut()`` aborts every link, ``down()`` also refuses new
+    ones until ``up()`` (a player whose network is gone for a while)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.listen_port = 0
+        self.server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.listen_port}"
+
+    async def up(self) -> LinkCutter:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.listen_port)
+        self.listen_port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def cut(self) -> None:
+        for writer in list(self._links):
+            writer.transport.abort()
+        self._links.clear()
+
+    async def down(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.cut()
+        await self.server.wait_closed()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._links.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:  # one side gone: the whole link goes, as a broken network would
+                writer.transport.abort()
+                up_writer.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -8,7 +8,8 @@
             print(message)
 
 Sends are batched: ``send_*`` queue a message and return its seq at once; all
-messages queued in one event-loop iteration go out as one frame. A background
+messages queued in one event-loop iteration go out together, in as few frames as
+the server's ``max_frame_bytes`` allows. A background
 task reads frames, keeps :attr:`Client.members` and :attr:`Client.snapshot`
 current, and queues typed messages for iteration. When that queue is full
 (``max_queue``) it stops reading the socket, so the server sees a slow reader.
@@ -20,8 +21,9 @@ import asyncio
 import collections
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -58,6 +60,17 @@ _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 RESEND_BUFFER = 1024  # own moves kept for re-sending after a resume
 RESUMABLE = frozenset({1001, 1006, 1011, 1012, 1013, 4008})  # a broken link, not a verdict
 _END = object()
+_NO_STATE = object()
+
+
+@dataclass(slots=True)
+class _Move:
+    """One of this client's own moves, kept until the server is known to have it."""
+
+    seq: int
+    wire: bytes
+    state_key: Any = _NO_STATE  # a STATE's key and value, to keep our own snapshot
+    state_data: Any = None
 
 
 class Client:
@@ -69,6 +82,7 @@ class Client:
         max_queue: int,
         address: str | list[str] = "",
         query: dict[str, str] | None = None,
+        token: Callable[[], str] | None = None,
         auto_resume: bool = True,
         resume_for_s: float = 10.0,
         open_timeout: float = 10.0,
@@ -81,9 +95,12 @@ class Client:
         self._addresses = [address] if isinstance(address, str) else list(address)
         self._at = 0  # the node of the current connection
         self._query = {k: v for k, v in (query or {}).items() if k not in ("resume", "offset", "epoch")}
+        self._token = token  # asked again for each reconnect (a token may expire meanwhile)
+        self.echo = self._query.get("echo") == "1"
         self._open_timeout = open_timeout
         self._closing = False
-        self._sent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RESEND_BUFFER)
+        self._verdict: RelayClosed | None = None  # a reconnect refused for good
+        self._sent: collections.deque[_Move] = collections.deque(maxlen=RESEND_BUFFER)
         self.welcome = welcome
         self.actor = welcome.actor
         self.room = welcome.room
@@ -96,7 +113,9 @@ class Client:
         self.close_code: int | None = None
         self.close_reason = ""
         self._seq = itertools.count(1)
-        self._outgoing: list[bytes] = []
+        # Messages not yet written to a socket, with their seq (None: a PING). A write that
+        # fails puts its messages back: they go out after the resume.
+        self._outgoing: list[tuple[int | None, bytes]] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(max_queue)
         self._pings: dict[int, asyncio.Future[float]] = {}
@@ -108,19 +127,25 @@ class Client:
     def send_event(self, data: Any) -> int:
         """Queue an EVENT (relayed to every other member in room order); returns its seq."""
         seq = next(self._seq)
-        self._queue_out(_pack([1, seq, data]), seq)
+        self._queue_out(_Move(seq, _pack([1, seq, data])))
         return seq
 
     def send_state(self, key: str | int, data: Any) -> int:
-        """Queue a STATE: this player's value under ``key`` (``None`` deletes it)."""
+        """Queue a STATE: this player's value under ``key`` (``None`` deletes it).
+
+        Without ``echo`` the server does not send it back, so :attr:`snapshot` takes
+        it at once (as the server will, unless it refuses the move with an Error).
+        """
         seq = next(self._seq)
-        self._queue_out(_pack([2, seq, key, data]), seq)
+        self._queue_out(_Move(seq, _pack([2, seq, key, data]), key, data))
+        if not self.echo:
+            self._set_state(self.actor, key, data)
         return seq
 
     def send_direct(self, to_actor: int, data: Any) -> int:
         """Queue a DIRECT to one member; returns its seq."""
         seq = next(self._seq)
-        self._queue_out(_pack([3, seq, to_actor, data]), seq)
+        self._queue_out(_Move(seq, _pack([3, seq, to_actor, data])))
         return seq
 
     async def send_raw(self, frame: bytes) -> None:
@@ -134,7 +159,7 @@ class Client:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[ping_id] = future
         sent = time.perf_counter()
-        self._queue_out(_pack([9, ping_id]))
+        self._queue_out(None, _pack([9, ping_id]))
         try:
             await asyncio.wait_for(future, timeout)
         finally:
@@ -148,23 +173,45 @@ class Client:
         if self._outgoing:
             await self._write()
 
-    def _queue_out(self, message: bytes, seq: int | None = None) -> None:
+    def _queue_out(self, move: _Move | None, ping: bytes = b"") -> None:
         if self.close_code is not None:
             raise RelayClosed(self.close_code, self.close_reason)
-        if seq is not None:
-            self._sent.append((seq, message))  # kept to re-send after a resume
-        self._outgoing.append(message)
-        if self._flush_task is None or self._flush_task.done():
+        wire = ping if move is None else move.wire
+        limit = self.limits.get("max_frame_bytes")
+        if isinstance(limit, int) and len(wire) > limit:
+            # Alone in a frame it would still be too big: the server would close with 1009.
+            raise ValueError(f"a message of {len(wire)} bytes is larger than the server's max_frame_bytes ({limit})")
+        if move is not None:
+            self._sent.append(move)  # kept to re-send after a resume
+            self._outgoing.append((move.seq, wire))
+        else:
+            self._outgoing.append((None, wire))
+        self._schedule_write()
+
+    def _schedule_write(self) -> None:
+        if self._outgoing and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
         await asyncio.sleep(0)  # let the caller queue the rest of this iteration's messages
+        limit = self.limits.get("max_frame_bytes")
+        if not isinstance(limit, int) or limit <= 0:
+            limit = 1 << 62
         while self._outgoing:
-            frame, self._outgoing = b"".join(self._outgoing), []
-            try:
-                await self.ws.send(frame)
-            except websockets.ConnectionClosed:
-                return  # the reader resumes (and re-sends) or reports the close
+            pending, self._outgoing = self._outgoing, []
+            start = 0
+            while start < len(pending):
+                end, size = start + 1, len(pending[start][1])
+                while end < len(pending) and size + len(pending[end][1]) <= limit:
+                    size += len(pending[end][1])
+                    end += 1
+                try:
+                    await self.ws.send(b"".join(wire for _, wire in pending[start:end]))
+                except websockets.ConnectionClosed:
+                    # These never left: they wait for the reader's resume (or its close).
+                    self._outgoing[:0] = pending[start:]
+                    return
+                start = end
 
     # --- receiving -------------------------------------------------------------------
 
@@ -198,8 +245,11 @@ class Client:
                     break
         finally:
             rcvd = self.ws.protocol.close_rcvd
-            self.close_code = rcvd.code if rcvd is not None else 1006
-            self.close_reason = rcvd.reason if rcvd is not None else ""
+            if self._verdict is not None:  # a reconnect was refused for good: that is why
+                self.close_code, self.close_reason = self._verdict.code, self._verdict.reason
+            else:
+                self.close_code = rcvd.code if rcvd is not None else 1006
+                self.close_reason = rcvd.reason if rcvd is not None else ""
             for future in self._pings.values():
                 if not future.done():
                     future.set_exception(RelayClosed(self.close_code, self.close_reason))
@@ -241,9 +291,18 @@ class Client:
         if code == 1001:
             self._at = (self._at + 1) % len(self._addresses)
         while asyncio.get_running_loop().time() < deadline and not self._closing:
+            if self._token is not None:
+                query["token"] = self._token()
             try:
                 ws, welcome, rest = await _open(self._addresses[self._at], query, self._open_timeout)
-            except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, RelayClosed):
+            except RelayClosed as exc:
+                if exc.code not in RESUMABLE:  # a verdict (4001, 4003, 4009, 4400): every node's
+                    self._verdict = exc
+                    return False
+                ws = None
+            except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake):
+                ws = None
+            if ws is None:
                 self._at = (self._at + 1) % len(self._addresses)
                 if self._at == 0 or len(self._addresses) == 1:
                     await asyncio.sleep(delay)  # backoff between rounds of reconnection attempts
@@ -252,7 +311,7 @@ class Client:
             if self._closing:  # close() was called while we were reconnecting
                 await ws.close()
                 return False
-            self._take_welcome(ws, welcome)
+            await self._queue.put(self._take_welcome(ws, welcome))
             for message in rest:
                 if message is not None:
                     self._track(message)
@@ -260,33 +319,51 @@ class Client:
             return True
         return False
 
-    def _take_welcome(self, ws: ClientConnection, welcome: Welcome) -> None:
+    def _take_welcome(self, ws: ClientConnection, welcome: Welcome) -> Message:
+        """Take a reconnect's WELCOME; returns the notice for the app (Resumed or Resynced)."""
         exact = (welcome.actor, welcome.epoch, welcome.offset) == (self.actor, self.epoch, self.offset)
         same_seat = (welcome.actor, welcome.epoch) == (self.actor, self.epoch)
         self.ws = ws
         self.welcome = welcome
+        self.limits = welcome.limits
         if not exact:  # a fresh snapshot: the state starts over from here
             self.members = {m.actor: m for m in welcome.members}
             self.snapshot = {a: dict(v) for a, v in welcome.snapshot.items()}
         self.actor, self.epoch, self.offset = welcome.actor, welcome.epoch, welcome.offset
         self.resume_token = welcome.resume_token
-        notice: Message = Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome)
-        self._queue.put_nowait(notice)
-        if same_seat:  # re-send what the server had not got, in order (nil: it had none)
+        if same_seat:
+            # Re-send, in order, every own move the server had not got (nil: it had none),
+            # the ones that never left included; the PINGs that never left follow.
             last = welcome.last_seq if welcome.last_seq is not None else -1
-            again = [frame for seq, frame in self._sent if seq > last]
-            self._outgoing[:0] = again
-            if again and (self._flush_task is None or self._flush_task.done()):
-                self._flush_task = asyncio.get_running_loop().create_task(self._write())
+            again = [m for m in self._sent if m.seq > last]
+            self._outgoing = [(m.seq, m.wire) for m in again] + [o for o in self._outgoing if o[0] is None]
+        else:
+            # A new seat has none of the old one's moves, and the old seat may have applied
+            # any move that left: only those that never left go out, as they are.
+            unsent = {seq for seq, _ in self._outgoing}
+            again = [m for m in self._sent if m.seq in unsent]
+        self._sent = collections.deque(again, maxlen=RESEND_BUFFER)
+        if not exact and not self.echo:  # the fresh snapshot predates these STATEs
+            for move in again:
+                if move.state_key is not _NO_STATE:
+                    self._set_state(self.actor, move.state_key, move.state_data)
+        self._schedule_write()
+        return Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome)
+
+    def _set_state(self, actor: int, key: Any, data: Any) -> None:
+        if data is None:
+            values = self.snapshot.get(actor)
+            if values is not None:
+                values.pop(key, None)
+                if not values:
+                    del self.snapshot[actor]
+        else:
+            self.snapshot.setdefault(actor, {})[key] = data
 
     def _track(self, message: Message) -> None:
         if isinstance(message, State):
             if message.actor in self.members:
-                values = self.snapshot.setdefault(message.actor, {})
-                if message.data is None:
-                    values.pop(message.key, None)
-                else:
-                    values[message.key] = message.data
+                self._set_state(message.actor, message.key, message.data)
         elif isinstance(message, Join):
             self.members[message.actor] = Member(message.actor, message.player, message.meta)
         elif isinstance(message, Leave):
@@ -325,7 +402,7 @@ async def open_client(
     *,
     player: str | None = None,
     name: str | None = None,
-    token: str | None = None,
+    token: str | Callable[[], str] | None = None,
     echo: bool = False,
     max_queue: int = 10000,
     open_timeout: float = 10.0,
@@ -337,13 +414,17 @@ async def open_client(
 
     ``url`` may be a list of relay nodes sharing rooms (through Redis): the first
     that answers is used, and a resume goes on to the next when a node goes away.
+    ``token`` may be a function that returns a token: it is asked again for every
+    reconnect, so that a session can outlive the token it started with.
     """
     query: dict[str, str] = dict(params)
     if player is not None:
         query["player"] = player
     if name is not None:
         query["name"] = name
-    if token is not None:
+    if callable(token):
+        query["token"] = token()
+    elif token is not None:
         query["token"] = token
     if echo:
         query["echo"] = "1"
@@ -364,7 +445,7 @@ async def open_client(
     addresses = addresses[at:] + addresses[:at]  # the one that answered first
     client = Client(
         ws, welcome, max_queue=max_queue, address=addresses, query=query,
-        auto_resume=auto_resume, resume_for_s=resume_for_s, open_timeout=open_timeout,
+        token=token if callable(token) else None, auto_resume=auto_resume, resume_for_s=resume_for_s, open_timeout=open_timeout,
     )
     for message in rest:  # anything batched with WELCOME comes next, in order
         if message is not None:
