@@ -1676,6 +1676,7 @@ var RoomView = class {
 // src/client.js
 var ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
 var RESEND_BUFFER = 1024;
+var ERROR_GRACE_MS = 250;
 var RelayError = class extends Error {
   /** @param {string} message @param {number} [code] @param {string} [reason] */
   constructor(message, code, reason = "") {
@@ -1700,7 +1701,7 @@ function socketUrl(o) {
   url.protocol = url.protocol.replace(/^http/, "ws");
   url.pathname = `${url.pathname.replace(/\/$/, "")}/ws/${o.room}`;
   url.search = "";
-  if (o.token) url.searchParams.set("token", o.token);
+  if (typeof o.token === "string" && o.token) url.searchParams.set("token", o.token);
   if (o.player) url.searchParams.set("player", o.player);
   if (o.name) url.searchParams.set("name", o.name);
   if (o.echo) url.searchParams.set("echo", "1");
@@ -1876,10 +1877,29 @@ var RelayClient = class {
   _open() {
     const Socket = this.options.WebSocket ?? globalThis.WebSocket;
     const from = this._resumeFrom;
-    const socket = new Socket(from ? this._resumeUrl(from) : this.url);
+    const url = new URL(from ? this._resumeUrl(from) : this.url);
+    if (typeof this.options.token === "function")
+      url.searchParams.set("token", this.options.token());
+    const socket = new Socket(url.href);
     socket.binaryType = "arraybuffer";
+    let ended = false;
+    const end = (code, reason) => {
+      if (ended || this.socket !== socket) return;
+      ended = true;
+      this._onClose(code, reason);
+    };
     socket.onmessage = (ev) => this.socket === socket && this._onFrame(ev.data);
-    socket.onclose = (ev) => this.socket === socket && this._onClose(ev.code, ev.reason);
+    socket.onclose = (ev) => end(ev.code, ev.reason);
+    socket.onerror = () => {
+      setTimeout(() => {
+        if (ended) return;
+        try {
+          socket.close();
+        } catch {
+        }
+        end(1006, "");
+      }, ERROR_GRACE_MS);
+    };
     this.socket = socket;
   }
   _onFrame(data) {

@@ -23,6 +23,9 @@ const ROOM_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
 /** How many of its own moves (EVENT, STATE, DIRECT) the client keeps to re-send after a resume. */
 export const RESEND_BUFFER = 1024;
 
+/** How long after a socket's error event its close event may take before the client ends it. */
+const ERROR_GRACE_MS = 250;
+
 /**
  * One of this client's own moves, kept until the server is known to have it.
  * @typedef {{seq: number, bytes: Uint8Array, state?: {key: string|number, data: any}}} SentMove
@@ -42,7 +45,8 @@ export const RESEND_BUFFER = 1024;
  *   (Redis): a reconnect moves on to the next when a node goes away (1001) or fails
  * @property {string} [player]  player id (servers without a token secret only)
  * @property {string} [name]  display name, carried in the member's meta
- * @property {string} [token]  signed token naming the player
+ * @property {string | (() => string)} [token]  signed token naming the player; a function
+ *   is asked for a fresh one on every (re)connect, so a session can outlive its first token
  * @property {boolean} [echo]  also receive this player's own EVENT/STATE, in room order
  * @property {boolean} [reconnect]  reconnect after a break (default true)
  * @property {number} [backoffMs]  first reconnect delay (default 250), doubled per failed try
@@ -108,7 +112,7 @@ export function socketUrl(o) {
   url.protocol = url.protocol.replace(/^http/, 'ws'); // http: -> ws:, https: -> wss:
   url.pathname = `${url.pathname.replace(/\/$/, '')}/ws/${o.room}`;
   url.search = '';
-  if (o.token) url.searchParams.set('token', o.token);
+  if (typeof o.token === 'string' && o.token) url.searchParams.set('token', o.token);
   if (o.player) url.searchParams.set('player', o.player);
   if (o.name) url.searchParams.set('name', o.name);
   if (o.echo) url.searchParams.set('echo', '1');
@@ -316,10 +320,32 @@ export class RelayClient {
   _open() {
     const Socket = this.options.WebSocket ?? globalThis.WebSocket;
     const from = this._resumeFrom;
-    const socket = new Socket(from ? this._resumeUrl(from) : this.url);
+    const url = new URL(from ? this._resumeUrl(from) : this.url);
+    if (typeof this.options.token === 'function')
+      url.searchParams.set('token', this.options.token());
+    const socket = new Socket(url.href);
     socket.binaryType = 'arraybuffer';
+    let ended = false;
+    const end = (/** @type {number} */ code, /** @type {string} */ reason) => {
+      if (ended || this.socket !== socket) return;
+      ended = true;
+      this._onClose(code, reason);
+    };
     socket.onmessage = (ev) => this.socket === socket && this._onFrame(ev.data);
-    socket.onclose = (ev) => this.socket === socket && this._onClose(ev.code, ev.reason);
+    socket.onclose = (ev) => end(ev.code, ev.reason);
+    // A browser follows an error with close (1006). Node 20's WebSocket fires no close
+    // after a refused connection, which would leave the client waiting for ever.
+    socket.onerror = () => {
+      setTimeout(() => {
+        if (ended) return;
+        try {
+          socket.close();
+        } catch {
+          // already closed, or never opened
+        }
+        end(1006, '');
+      }, ERROR_GRACE_MS);
+    };
     this.socket = socket;
   }
 

@@ -15,6 +15,7 @@ export class FakeSocket {
     this.sent = [];
     this.onmessage = null;
     this.onclose = null;
+    this.onerror = null;
     FakeSocket.made.push(this);
   }
 
@@ -42,6 +43,12 @@ export class FakeSocket {
     // A real socket with binaryType 'arraybuffer' hands over an ArrayBuffer.
     const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
     this.onmessage?.({ data: buffer });
+  }
+
+  /** The connection fails with an error event and no close event (Node 20's WebSocket). */
+  fail() {
+    this.readyState = 3;
+    this.onerror?.({ type: 'error' });
   }
 
   /** The server (or the network) ends the connection. */

@@ -207,6 +207,45 @@ test('with several nodes, the first connect tries each once before it gives up',
   assert.equal(FakeSocket.made.length, before, 'no other node tried');
 });
 
+test('an error with no close event after it ends the connection as 1006', async () => {
+  // Node 20's WebSocket fires only error for a refused connection; a browser fires close too.
+  const pending = connect({ ...BASE, urls: ['http://a.test:8000', 'http://b.test:8000'] });
+  FakeSocket.last().fail(); // a is down
+  await until(() => FakeSocket.made.length === 2, 2000, 'the next node');
+  assert.equal(new URL(FakeSocket.last().url).host, 'b.test:8000');
+  FakeSocket.last().fail();
+  await assert.rejects(pending, (err) => err instanceof RelayError && err.code === 1006);
+
+  const client = await joined();
+  const closes = [];
+  client.on('close', (e) => closes.push(e));
+  FakeSocket.last().fail(); // a node killed under an open connection
+  await until(() => FakeSocket.made.length === 4, 2000, 'a reconnect');
+  assert.deepEqual(closes, [{ code: 1006, reason: '', willReconnect: true }]);
+});
+
+test('an error followed by close is one close, with its code', async () => {
+  const client = await joined();
+  const closes = [];
+  client.on('close', (e) => closes.push(e));
+  const socket = FakeSocket.last();
+  socket.onerror({ type: 'error' });
+  socket.drop(4008, 'slow');
+  await until(() => FakeSocket.made.length === 2, 2000, 'a reconnect');
+  await new Promise((r) => setTimeout(r, 300)); // past the error's grace: no second close
+  assert.deepEqual(closes, [{ code: 4008, reason: 'slow', willReconnect: true }]);
+  assert.equal(FakeSocket.made.length, 2);
+});
+
+test('a token function is asked for a fresh token on every connect', async () => {
+  let issued = 0;
+  const client = await joined({ token: () => `token-${++issued}` });
+  assert.equal(query(FakeSocket.made[0]).token, 'token-1');
+  const socket = await breakLink(client, 1006);
+  assert.equal(query(socket).token, 'token-2');
+  assert.equal(query(socket).resume, 'resume-x');
+});
+
 test('a broken connection is rejoined with backoff and a fresh snapshot', async () => {
   const client = await joined();
   client.sendEvent('before');
