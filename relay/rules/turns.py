@@ -3,7 +3,10 @@
 Turns go round the members in join order, starting with the first to join.
 Each accepted EVENT passes the turn to the next member. When the player whose
 turn it is leaves, the turn passes on. STATE and DIRECT (chat, presence) are
-always allowed. Every member can follow whose turn it is from the room order.
+always allowed. Members present from the start can follow whose turn it is from
+the room order. WELCOME does not say whose turn it is: a late joiner knows it from
+the next EVENT it sees (the turn passes to the member after its sender, in actor
+order, which is join order), or from the reason of a move refused out of turn.
 """
 
 from __future__ import annotations
