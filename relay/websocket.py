@@ -109,7 +109,16 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
                         return  # as uvicorn does: past the close, messages are dropped
                     on_binary(payload)  # type: ignore[misc]
                 return
-        super().data_received(data)
+        self.conn.receive_data(data)
+        if self.conn.parser_exc is not None:
+            # A bad frame (too big, unmasked, a bad close code...) ends the connection, but
+            # the frames before it in the same read were good: they are the player's moves,
+            # and would be relayed had they come in a read of their own. uvicorn drops them.
+            self.handle_events()
+            if not self.close_sent:
+                self.handle_parser_exception()
+            return
+        self.handle_events()
         if not self.handshake_initiated and self.conn.handshake_exc is not None:
             # websockets refused the request (a line over 8 KiB, too many headers) and
             # queued its 414/431 answer; uvicorn only writes on a valid request.
@@ -206,6 +215,10 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             # not UTF-8 gets 1003 too, not uvicorn's 1007 and a logged traceback.
             self.frames = []
             self.queue.put_nowait({"type": "websocket.receive", "text": ""})
+            # The app closes with 1003 once it reads that: binary frames after it (in this
+            # read, too) queue behind it instead of being relayed first.
+            self.on_binary = None
+            self._split_here = False
             if not self.read_paused:
                 self.read_paused = True
                 self.transport.pause_reading()

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from relay_client import Event, open_client
+from relay_client import Event, Leave, open_client
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -248,3 +248,44 @@ async def test_an_unmasked_frame_after_good_moves_still_closes_1002(relay, room)
         assert await raw.close_code() == 1002
     finally:
         await raw.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (ws_frame(2, b"x" * (MAX + 1)), 1009),
+        (ws_frame(2, move(3), mask=False), 1002),
+        (ws_frame(2, move(3), rsv=4), 1002),
+        (ws_frame(5, b""), 1002),
+        (ws_frame(8, (999).to_bytes(2, "big")), 1002),
+    ],
+    ids=["too-big", "unmasked", "rsv", "opcode-5", "close-999"],
+)
+async def test_moves_read_together_with_a_bad_frame_are_relayed_before_the_close(relay, room, bad, code) -> None:
+    watcher = await open_client(relay.url, room, player="watcher")
+    raw = await RawSocket.websocket(relay.port, room, "raw")
+    try:
+        assert await raw.send(ws_frame(2, move(1)) + ws_frame(2, move(2)) + bad)  # one write
+        assert await raw.close_code() == code
+        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
+        assert [m.data for m in seen if isinstance(m, Event)] == [1, 2]
+        assert seen[-1].code == code
+    finally:
+        await raw.close()
+        await watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_moves_after_a_text_frame_in_the_same_read_are_not_relayed(relay, room) -> None:
+    watcher = await open_client(relay.url, room, player="watcher")
+    raw = await RawSocket.websocket(relay.port, room, "raw")
+    try:
+        assert await raw.send(ws_frame(2, move(1)) + ws_frame(1, b"hello") + ws_frame(2, move(2)) + ws_frame(2, move(3)))
+        assert await raw.close_code() == 1003
+        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
+        assert [m.data for m in seen if isinstance(m, Event)] == [1]
+        assert seen[-1].code == 1003
+    finally:
+        await raw.close()
+        await watcher.close()
