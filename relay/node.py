@@ -33,6 +33,7 @@ from relay.room import Entry, Member, RoomState, snapshot_cost
 from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
 
 log = logging.getLogger("relay.node")
+_DROPPED_HEAD = protocol.dropped(0)[:2]  # how a DROPPED message starts; no DIRECT's wire does
 
 
 @dataclass(eq=False, slots=True)
@@ -56,6 +57,7 @@ class Seat:
     held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
     held_code: int = 0
     held_directs: list[bytes] | None = None  # made when a DIRECT arrives for a held seat
+    held_directs_lost: int = 0  # DIRECTs for the held seat past max_held_directs: told with DROPPED
     # Taken over from another node, which keeps and passes on the DIRECTs published before
     # the takeover: this node takes DIRECTs only once the takeover shows in the room's stream.
     arriving: bool = False
@@ -189,15 +191,16 @@ class Node:
             seat.arrive_after = joined.offset
         else:
             self._arrived(seat)
-            seat.actor, seat.held_directs = 0, None  # no such seat: the caller may join afresh
+            seat.actor, seat.held_directs, seat.held_directs_lost = 0, None, 0  # no such seat: the caller may join afresh
             await self._forget_if_empty(room)
             return None
         seat.actor = joined.member.actor
         if resume is not None:
             seat.secret, seat.last_seq = resume.secret, joined.last_seq
+            seat.held_directs_lost += joined.directs_lost
             if joined.directs:  # kept by the backplane while the seat was held: before any passed on since
                 kept = [*joined.directs, *(seat.held_directs or [])]
-                seat.held_directs = kept[-self.settings.max_held_directs :]
+                self._keep_held_directs(seat, kept)
         seat.resume_token = f"{seat.actor}.{seat.secret}"
         if room.state is None or room.state.epoch != joined.epoch:
             s = self.settings
@@ -397,9 +400,11 @@ class Node:
         else:  # the old connection is still open here (a half-dead link): it is replaced
             seat.close(CloseCode.REPLACED, "this seat was resumed on another node", False)
         self._let_go(seat)
+        if seat.held_directs_lost:  # the count goes with them, as the DROPPED its player gets
+            self.backplane.direct(room_name, actor, protocol.dropped(seat.held_directs_lost))
         for wire in seat.held_directs or ():  # kept for it here: passed on to its new node
             self.backplane.direct(room_name, actor, wire)
-        seat.held_directs = None
+        seat.held_directs, seat.held_directs_lost = None, 0
         self._spawn(self._forget_if_empty(room))
 
     def seat_gone(self, room_name: str, actor: int, offset: int) -> None:
@@ -672,12 +677,24 @@ class Node:
             return
         if seat.arriving:
             return  # published before the takeover: the seat's old node keeps it, and passes it on
-        if seat.held_directs is None:  # kept until the seat resumes (bounded)
-            seat.held_directs = []
-        seat.held_directs.append(wire)
-        del seat.held_directs[: -self.settings.max_held_directs]
+        if wire.startswith(_DROPPED_HEAD):  # a count passed on from the seat's old node (seat_moved)
+            seat.held_directs_lost += msgpack.unpackb(wire)[1]
+            return
+        self._keep_held_directs(seat, [*(seat.held_directs or ()), wire])
+
+    def _keep_held_directs(self, seat: Seat, kept: list[bytes]) -> None:
+        """Keep the newest ``max_held_directs`` for the held seat, and count the others."""
+        over = len(kept) - self.settings.max_held_directs
+        if over > 0:
+            del kept[:over]
+            seat.held_directs_lost += over
+            self.stats.dropped += over
+        seat.held_directs = kept
 
     def _push_held_directs(self, seat: Seat, now: float) -> None:
+        if seat.held_directs_lost:  # the player is told, after its WELCOME, before the DIRECTs kept
+            seat.outbox.push_control(protocol.dropped(seat.held_directs_lost), now)
+            seat.held_directs_lost = 0
         for wire in seat.held_directs or ():
             self._push(seat, Batch(wire, [Entry(DIRECT, seat.actor, b"", wire=wire)]), now)
             self.stats.messages_out[DIRECT] += 1

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from relay_client import Event, Join, Leave, Resumed, Resynced, State, connect, open_client
+from relay_client import Direct, Dropped, Event, Join, Leave, Resumed, Resynced, State, connect, open_client
 from tests.helpers import collect, held_on, next_of, raw_connect, raw_messages
 
 pytestmark = pytest.mark.asyncio
@@ -198,3 +198,25 @@ async def resume_welcome_is_the_room_at_the_clients_offset(first, second, room) 
     assert resumed[4] == [[welcome[2], "a", {}], [b.actor, "b", {}], [c.actor, "c", {}]]  # c was still there
     assert resumed[5] == {b.actor: {"k": "v0"}}  # and k was v0
     assert replay == [[2, b.actor, "k", "v1", offset + 1], [6, c.actor, 1000, offset + 2]]
+
+
+async def test_directs_past_the_bound_for_a_held_seat_are_reported_as_dropped(relay_with, room):
+    server = relay_with(max_held_directs=3)
+    async with connect(server.url, room, player="sender") as sender:
+        away = await open_client(server.url, room, player="away", auto_resume=False)
+        away.ws.transport.abort()
+        await held_on(server, 1)
+        for i in range(5):
+            sender.send_direct(away.actor, i)
+        await sender.ping()
+        again = await open_client(server.url, room, player="away", resume=away.resume_token,
+                                  offset=str(away.offset), epoch=away.epoch)
+        try:
+            got = await collect(again, lambda ms: len([m for m in ms if isinstance(m, Direct)]) == 3)
+            assert again.actor == away.actor
+        finally:
+            await again.close()
+            await away.close()
+    assert [m.data for m in got if isinstance(m, Direct)] == [2, 3, 4]
+    assert [type(m) for m in got if isinstance(m, (Dropped, Direct))][0] is Dropped
+    assert [m.count for m in got if isinstance(m, Dropped)] == [2]

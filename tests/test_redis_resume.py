@@ -8,7 +8,7 @@ import time
 
 import pytest
 import redis
-from relay_client import Direct, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
+from relay_client import Direct, Dropped, Event, Join, Leave, RelayClosed, Resumed, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, held_on, next_of, raw_connect, raw_messages
 from tests.test_e2e_resume import events, history_too_short_gives_a_fresh_snapshot, resume_welcome_is_the_room_at_the_clients_offset
@@ -401,8 +401,32 @@ async def test_directs_to_a_seat_whose_node_went_away_are_kept_for_its_resume(re
             assert again.actor == actor
             got = await collect(again, lambda ms: len([m for m in ms if isinstance(m, Direct)]) == 3, seconds=10)
             assert [m.data for m in got if isinstance(m, Direct)] == [f"while away {i}" for i in (2, 3, 4)]
+            # The two that did not fit are not lost silently: DROPPED says so, first.
+            assert [m.count for m in got if isinstance(m, Dropped)] == [2]
+            assert isinstance(next(m for m in got if isinstance(m, (Dropped, Direct))), Dropped)
             sender.send_direct(actor, "back")  # and after the resume, as usual
             assert (await next_of(again, Direct)).data == "back"
         finally:
             await again.close()
         await away.close()
+
+
+async def test_directs_past_the_bound_for_a_seat_held_on_one_node_are_reported_on_the_next(
+    redis_server, redis_relays, room
+):
+    a, b = redis_relays(redis_server.url, 2, max_held_directs=3)
+    async with connect(b.url, room, player="sender") as sender:
+        p = await open_client(a.url, room, player="p", auto_resume=False)
+        p.ws.transport.abort()  # held by node a, which is alive: it keeps the DIRECTs
+        await held_on(a, 1)
+        for i in range(5):
+            sender.send_direct(p.actor, i)
+        await sender.ping()
+        again = await open_client(b.url, room, player="p", resume=p.resume_token, offset=str(p.offset), epoch=p.epoch)
+        try:
+            got = await collect(again, lambda ms: len([m for m in ms if isinstance(m, Direct)]) == 3, seconds=10)
+        finally:
+            await again.close()
+            await p.close()
+    assert [m.data for m in got if isinstance(m, Direct)] == [2, 3, 4]
+    assert [m.count for m in got if isinstance(m, Dropped)] == [2]

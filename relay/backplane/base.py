@@ -43,6 +43,7 @@ class Joined:
     epoch: str
     last_seq: int | None = None  # a takeover: the highest seq the room has taken from the seat
     directs: list[bytes] = field(default_factory=list)  # a takeover: DIRECTs kept for the seat meanwhile
+    directs_lost: int = 0  # a takeover: DIRECTs for the seat meanwhile that were not kept (the bound)
 
 
 class Receiver(Protocol):

@@ -284,7 +284,7 @@ class RedisBackplane:
         r, reply = await self._call(room, "takeover", [self.node_id, 0, actor, secret, player])
         if reply[0] != 1:
             return None
-        _, epoch, offset, members, snapshot, last_seq, kept = reply
+        _, epoch, offset, members, snapshot, last_seq, kept, lost = reply
         epoch = epoch.decode()
         self._adopt(r, epoch, offset)
         r.seated[actor] = epoch
@@ -298,6 +298,7 @@ class RedisBackplane:
             epoch=epoch,
             last_seq=int(last_seq) if last_seq is not None else None,
             directs=list(kept),
+            directs_lost=int(lost),
         )
 
     async def _call(self, room: str, kind: str, args: list[Any]) -> tuple[_Room, Any]:

@@ -35,6 +35,8 @@ Keys of room R with prefix P (tag ``{P:R}``):
                           held after its node went away
 ``{P:R}:dir:<actor>``     list: DIRECTs sent to such a held seat, kept (the last
                           ``max_held_directs``) for its player's resume
+``{P:R}:dirlost:<actor>`` integer: DIRECTs to such a seat that did not fit in that
+                          list (its player gets DROPPED with the count)
 ``{P:R}:s:<actor>``       hash: msgpack(key) -> raw msgpack data (the snapshot)
 ``{P:R}:log``             stream: the room's recent published batches
 ``{P:R}:ch``              the pub/sub channel (SPUBLISH in a Redis Cluster)
@@ -112,7 +114,7 @@ local function remove_member(actor, code)
   redis.call('HDEL', K_SEQ, actor)
   redis.call('HDEL', K_HLD, actor)
   if redis.call('HGET', K_PLY, player) == tostring(actor) then redis.call('HDEL', K_PLY, player) end
-  redis.call('DEL', snap_key(actor), tag .. ':dir:' .. actor)
+  redis.call('DEL', snap_key(actor), tag .. ':dir:' .. actor, tag .. ':dirlost:' .. actor)
   emit(6, actor, '', 0, '\148\6' .. cmsgpack.pack(actor) .. cmsgpack.pack(code), {blob, values})
   return true
 end
@@ -214,12 +216,17 @@ if ARGV[3] ~= '' then
 end
 local held = redis.call('HGET', K_HLD, ARGV[6])
 if held then
-  local kept = tag .. ':dir:' .. ARGV[6]
-  redis.call('RPUSH', kept, ARGV[7])
-  redis.call('LTRIM', kept, -tonumber(ARGV[8]), -1)
+  local kept, lost = tag .. ':dir:' .. ARGV[6], tag .. ':dirlost:' .. ARGV[6]
   -- Gone with the seat (its resume or its LEAVE); and at the latest a minute after its
-  -- hold ends, should anything ever leave the list behind.
-  redis.call('PEXPIREAT', kept, tonumber(string.match(held, '^(%d+)/')) + 60000)
+  -- hold ends, should anything ever leave them behind.
+  local expiry = tonumber(string.match(held, '^(%d+)/')) + 60000
+  local over = redis.call('RPUSH', kept, ARGV[7]) - tonumber(ARGV[8])
+  if over > 0 then
+    redis.call('LTRIM', kept, -tonumber(ARGV[8]), -1)
+    redis.call('INCRBY', lost, over)
+    redis.call('PEXPIREAT', lost, expiry)
+  end
+  redis.call('PEXPIREAT', kept, expiry)
   return 1
 end
 redis.call(PUBLISH_COMMAND, CHANNEL, ARGV[5])
@@ -259,8 +266,9 @@ return {1, actor, EPOCH, OFFSET, members, snapshot}
 # it is this node's from now on. ARGV: history, node, join number, actor, token
 # secret, player. The node that served it hears [1, actor, node] on the room's
 # channel and lets it go without a LEAVE. Returns {1, epoch, offset, members,
-# snapshot, last seq or nil, DIRECTs kept for the seat while it was held}, or {0}
-# when there is no such seat (or the secret or the player does not match).
+# snapshot, last seq or nil, DIRECTs kept for the seat while it was held, how many
+# more did not fit}, or {0} when there is no such seat (or the secret or the player
+# does not match).
 TAKEOVER = r"""
 if not open_room() then return {0} end
 local actor = ARGV[4]
@@ -270,10 +278,11 @@ if not secret or secret ~= ARGV[5] or not blob or cmsgpack.unpack(blob)[1] ~= AR
 redis.call('HSET', K_NOD, actor, ARGV[2] .. '/' .. ARGV[3])
 redis.call('HDEL', K_HLD, actor)
 local kept = redis.call('LRANGE', tag .. ':dir:' .. actor, 0, -1)
-redis.call('DEL', tag .. ':dir:' .. actor)
+local lost = tonumber(redis.call('GET', tag .. ':dirlost:' .. actor) or '0')
+redis.call('DEL', tag .. ':dir:' .. actor, tag .. ':dirlost:' .. actor)
 redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({1, tonumber(actor), ARGV[2]}))
 local members, snapshot = read_members_and_snapshot()
-return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor), kept}
+return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor), kept, lost}
 """
 
 # Remove one member, if this node still serves it. ARGV: history, epoch, actor,
