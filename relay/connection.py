@@ -92,20 +92,33 @@ class Connection:
             params["player"] = grant.player
             if grant.name:
                 params["meta"]["name"] = grant.name
-        full = self._capacity_problem(room)
+        # Resuming a seat held here takes over the place it holds under the limits.
+        resuming = self.relay.node.holds(params["resume"], params["player"], room)
+        full = None if resuming else self._capacity_problem(room)
         if full:
             return await self._close_now(CloseCode.AT_CAPACITY, full)
         ip = client_ip(self.scope)
         relay = self.relay
         relay.open_total += 1
         relay.open_per_ip[ip] += 1
-        try:
-            await self._play(room, params)
-        finally:
+
+        def release() -> None:
             relay.open_total -= 1
             relay.open_per_ip[ip] -= 1
             if not relay.open_per_ip[ip]:
                 del relay.open_per_ip[ip]
+
+        try:
+            await self._play(room, params)
+        finally:
+            seat = self.seat
+            if seat is not None and seat.held is not None and seat.release is None:
+                # A held seat keeps its room and memory: it counts against the limits
+                # (max_connections, max_connections_per_ip) until its hold ends, so that
+                # dropped connections cannot pile up held seats past them.
+                seat.release = release
+            else:
+                release()
 
     def _capacity_problem(self, room: str) -> str | None:
         s, relay = self.settings, self.relay

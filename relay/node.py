@@ -65,6 +65,9 @@ class Seat:
     owner: object = None  # the connection serving this seat now
     # Writes an already framed message now if the socket can take it (the fast path).
     send_framed: Callable[[bytes], bool] | None = None
+    # Given by the connection whose break left the seat held: gives back what that
+    # connection counted against the server's limits, when the hold ends.
+    release: Callable[[], None] | None = None
 
     def unplug(self) -> None:
         """No connection serves this seat any more (it is held, or gone)."""
@@ -281,8 +284,7 @@ class Node:
         seat.left = True
         self._arrived(seat)
         if seat.held is not None:
-            seat.held.cancel()
-            seat.held = None
+            self._end_hold(seat)
         if self.tokens.get(seat.resume_token) is seat:
             del self.tokens[seat.resume_token]
         room = seat.room
@@ -308,6 +310,21 @@ class Node:
         seat.held = loop.call_later(
             self.settings.resume_window_s, lambda: self._spawn(self.leave(seat, close_code))
         )
+
+    def holds(self, token: str | None, player: str, room_name: str) -> bool:
+        """Whether ``token`` resumes a seat held here for ``player`` in that room."""
+        seat = self.tokens.get(token) if token else None
+        return (
+            seat is not None and seat.held is not None and not seat.left
+            and seat.player == player and seat.room.name == room_name
+        )
+
+    def _end_hold(self, seat: Seat) -> None:
+        seat.held.cancel()  # type: ignore[union-attr]
+        seat.held = None
+        release, seat.release = seat.release, None
+        if release is not None:
+            release()
 
     async def resume(
         self, token: str, player: str, room_name: str, offset: int | None, epoch: str | None, seat: Seat
@@ -341,8 +358,7 @@ class Node:
             if old.left or self.tokens.get(token) is not old:
                 return None  # its hold ran out meanwhile: the caller joins afresh
         if old.held is not None:
-            old.held.cancel()
-            old.held = None
+            self._end_hold(old)
         else:  # the old connection is still open (a half-dead link): it is replaced
             old.close(CloseCode.REPLACED, "this seat was resumed by a new connection", False)
         state = room.state
@@ -395,8 +411,7 @@ class Node:
         if room is None or seat is None:
             return
         if seat.held is not None:
-            seat.held.cancel()
-            seat.held = None
+            self._end_hold(seat)
         else:  # the old connection is still open here (a half-dead link): it is replaced
             seat.close(CloseCode.REPLACED, "this seat was resumed on another node", False)
         self._let_go(seat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import websockets
 
 from relay import auth
 from relay_client import Error, Event, Leave, RelayClosed, Resumed, State, connect, open_client
-from tests.helpers import closed, collect, next_of, raw_connect, raw_messages
+from tests.helpers import closed, collect, held_on, next_of, raw_connect, raw_messages
 from tests.relayproc import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -108,6 +109,38 @@ async def test_connections_per_ip_close_1013(relay_with, room):
     async with connect(server.url, room):
         exc = await refused(server, room)
         assert exc.code == 1013
+
+
+async def test_held_seats_count_against_the_connection_limits_until_their_hold_ends(relay_with, room):
+    """Dropped connections leave held seats (rooms, memory): an address cannot pile them up."""
+    server = relay_with(max_connections_per_ip=2, resume_window_s=60)
+    a = await open_client(server.url, f"{room}-a", player="a", auto_resume=False)
+    b = await open_client(server.url, f"{room}-b", player="b", auto_resume=False)
+    try:
+        a.ws.transport.abort()
+        b.ws.transport.abort()
+        await held_on(server, 2)
+        exc = await refused(server, f"{room}-c", player="c")
+        assert exc.code == 1013 and "too many connections from this address" in exc.reason
+        # A held seat's player takes it back, at the limit: the seat's place is its own.
+        again = await open_client(server.url, f"{room}-a", player="a", resume=a.resume_token,
+                                  offset=str(a.offset), epoch=a.epoch)
+        assert again.actor == a.actor
+        await again.close()  # given up for good: its place is free again
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    c = await open_client(server.url, f"{room}-c", player="c")
+                    break
+                except RelayClosed as exc:
+                    assert exc.code == 1013
+                    await asyncio.sleep(0.02)  # until the server has counted a's close
+        exc = await refused(server, f"{room}-d", player="d")  # b's hold and c: the limit again
+        assert exc.code == 1013
+        await c.close()
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_flood_is_rate_limited_then_closed_4029(relay_with, room):
