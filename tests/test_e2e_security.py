@@ -204,6 +204,19 @@ async def test_grid_rules_bounds_steps_and_occupied_cells(relay):
         assert (await next_of(b, Event)).data == {"t": "boom"}
 
 
+async def test_grid_a_player_taken_off_the_board_comes_back_where_it_left(relay):
+    room = f"grid:{time.monotonic_ns()}"
+    async with connect(relay.url, room, player="a") as a, connect(relay.url, room, player="watch") as watch:
+        a.send_state("pos", [0, 0])
+        a.send_state("pos", None)  # off the board...
+        jump = a.send_state("pos", [19, 14])  # ...and back on across it: refused
+        a.send_state("pos", [1, 0])  # one step from where it left: fine
+        error = await next_of(a, Error)
+        assert (error.ref_seq, error.code) == (jump, "rejected") and "one step" in error.message
+        got = await collect(watch, lambda ms: any(isinstance(m, State) and m.data == [1, 0] for m in ms))
+        assert [m.data for m in got if isinstance(m, State)] == [[0, 0], None, [1, 0]]
+
+
 async def test_late_joiner_cannot_land_on_a_taken_cell(relay):
     room = f"grid:{time.monotonic_ns()}"
     async with connect(relay.url, room, player="a", echo=True) as a:

@@ -2,8 +2,9 @@
 
 A player may first appear on any free cell, then moves one step at a time (up,
 down, left or right); no two players may stand on one cell. ``pos = nil`` takes
-the player off the board. Other STATE keys and EVENTs are not this rule's
-business and pass.
+the player off the board; it comes back on the cell it left or one step from
+there (else stepping off and on would jump across the board). Other STATE keys
+and EVENTs are not this rule's business and pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class GridRules(BaseRules):
         super().__init__(room)
         self.positions: dict[int, tuple[int, int]] = {}
         self.occupied: dict[tuple[int, int], int] = {}
+        self.left_from: dict[int, tuple[int, int]] = {}  # the cell of a player taken off the board
 
     def validate(self, view: RoomView, actor: int, move: Move) -> Verdict:
         if move.kind != "state" or move.key != POS:
@@ -33,7 +35,7 @@ class GridRules(BaseRules):
         cell = self._cell(move.data)
         if cell is None:
             return Reject(f"pos must be [x, y] with 0 <= x < {self.WIDTH} and 0 <= y < {self.HEIGHT}")
-        here = self.positions.get(actor)
+        here = self.positions.get(actor) or self.left_from.get(actor)
         if here is not None and abs(cell[0] - here[0]) + abs(cell[1] - here[1]) > 1:
             return Reject(f"one step at a time: from {list(here)} to {list(cell)} is too far")
         holder = self.occupied.get(cell)
@@ -48,6 +50,7 @@ class GridRules(BaseRules):
 
     def on_leave(self, view: RoomView, actor: int) -> None:
         self._place(actor, None)
+        self.left_from.pop(actor, None)
 
     def _place(self, actor: int, cell: tuple[int, int] | None) -> None:
         old = self.positions.pop(actor, None)
@@ -56,6 +59,9 @@ class GridRules(BaseRules):
         if cell is not None:
             self.positions[actor] = cell
             self.occupied[cell] = actor
+            self.left_from.pop(actor, None)
+        elif old is not None:
+            self.left_from[actor] = old
 
     def _cell(self, data: Any) -> tuple[int, int] | None:
         if not isinstance(data, (list, tuple)) or len(data) != 2:
