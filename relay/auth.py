@@ -61,11 +61,14 @@ def verify(token: str | None, secret: str, room: str) -> Grant:
     except jwt.InvalidTokenError as exc:
         raise AuthError(CloseCode.BAD_TOKEN, f"the token is not valid: {exc}") from None
     player, rooms, name = claims.get("sub"), claims.get("rooms", ["*"]), claims.get("name")
-    if not isinstance(player, str) or not 0 < len(player.encode()) <= 64:
-        raise AuthError(CloseCode.BAD_TOKEN, "the token's player (sub) must be 1-64 bytes")
+    # The same limits as for ?player= and ?name= (a token only says who may set them).
+    if not isinstance(player, str) or not 0 < len(player.encode()) <= 64 or not player.isprintable():
+        raise AuthError(CloseCode.BAD_TOKEN, "the token's player (sub) must be 1-64 bytes of printable characters")
+    if name is not None and (not isinstance(name, str) or len(name) > 64 or not name.isprintable()):
+        raise AuthError(CloseCode.BAD_TOKEN, "the token's name must be at most 64 printable characters")
     if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
         raise AuthError(CloseCode.BAD_TOKEN, "the token's rooms must be a list of patterns")
-    grant = Grant(player, tuple(rooms), name if isinstance(name, str) else None)
+    grant = Grant(player, tuple(rooms), name or None)
     if not grant.allows(room):
         raise AuthError(CloseCode.ROOM_FORBIDDEN, f"the token does not allow room {room!r}")
     return grant

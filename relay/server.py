@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import unquote_plus
 
 import orjson
 from fastapi import FastAPI, Response
@@ -128,14 +128,17 @@ class RedactSecrets(logging.Filter):
                 record.msg, record.args = redacted, ()
         return True
 
+    SEPARATOR = re.compile(r"([&;])")  # ';' too: the relay does not split on it, a reader might
+
     def _redact(self, match: re.Match[str]) -> str:
-        pairs = parse_qsl(match.group(1), keep_blank_values=True)
-        if not any(name in self.SECRETS for name, _ in pairs):
-            return match.group(0)
-        return "?" + "&".join(
-            f"{quote(name)}=<redacted>" if name in self.SECRETS else f"{quote(name)}={quote(value)}"
-            for name, value in pairs
-        )
+        parts = self.SEPARATOR.split(match.group(1))
+        changed = False
+        for i in range(0, len(parts), 2):  # the odd items are the separators
+            name, eq, _ = parts[i].partition("=")
+            if eq and unquote_plus(name).strip().lower() in self.SECRETS:
+                parts[i] = f"{name}=<redacted>"
+                changed = True
+        return "?" + "".join(parts) if changed else match.group(0)
 
 
 def redact_secrets_in_logs() -> None:

@@ -14,7 +14,7 @@ import websockets
 
 from relay import auth
 from relay_client import Error, Event, Leave, RelayClosed, Resumed, State, connect, open_client
-from tests.helpers import closed, collect, held_on, next_of, raw_connect, raw_messages
+from tests.helpers import closed, collect, held_on, next_of, raw_close_code, raw_connect, raw_messages
 from tests.relayproc import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -61,8 +61,12 @@ async def test_token_from_cli_names_the_player_and_overrides_the_query(secured, 
         jwt.encode({"sub": "ann"}, SECRET, algorithm="HS256"),  # no expiry
         jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),  # no player
         jwt.encode({"sub": "ann", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),
+        jwt.encode({"sub": "a\x00b", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "ann", "name": "n" * 65, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "ann", "name": 7, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
     ],
-    ids=["missing", "empty", "garbage", "three-parts", "bad-signature", "expired", "no-exp", "no-sub", "wrong-alg"],
+    ids=["missing", "empty", "garbage", "three-parts", "bad-signature", "expired", "no-exp", "no-sub", "wrong-alg",
+         "unprintable-sub", "long-name", "name-not-a-string"],
 )
 async def test_bad_tokens_close_4001(secured, room, token):
     params = {} if token is None else {"token": token}
@@ -292,3 +296,9 @@ async def test_tokens_and_resume_tokens_stay_out_of_the_log(relay_with, room):
     await ws.close()
     server.log.seek(0)
     assert token.split(".")[2] not in server.log.read().decode(errors="replace")
+    # After a ';' (which the relay does not take as a separator: 4001) it is still a secret.
+    ws = await raw_connect(server.url, room, f"?x=1;token={token}")
+    assert (await raw_close_code(ws))[0] == 4001
+    server.log.seek(0)
+    log = server.log.read().decode(errors="replace")
+    assert token.split(".")[2] not in log and "x=1;token=<redacted>" in log
