@@ -83,10 +83,11 @@ async def history_too_short_gives_a_fresh_snapshot(first, second, room: str, mov
             await ws.close()
 
 
-@pytest.mark.parametrize("before", ["0", "1"], ids=["before-the-room", "before-its-join"])
+@pytest.mark.parametrize("before", ["0", "1", "1000"], ids=["before-the-room", "before-its-join", "in-the-future"])
 async def test_a_resume_from_before_the_seats_own_join_gets_the_room_as_it_is_now(relay, room, before):
-    """No client saw the room before its own JOIN, and a WELCOME as of then could not
-    list its player: the seat is kept, with the room as it is now and no replay."""
+    """No client saw the room before its own JOIN (nor past the room's offset), and a
+    WELCOME as of then could not list its player: the seat is kept, with the room as it
+    is now and no replay."""
     async with connect(relay.url, room, player="b") as b:  # JOIN at offset 1
         a = await raw_connect(relay.url, room, "?player=a")  # JOIN at offset 2
         [welcome] = await raw_messages(a)
