@@ -115,30 +115,28 @@ RUNNING: set[Relay] = set()
 class RedactSecrets(logging.Filter):
     """uvicorn logs each WebSocket's path with its query string at INFO: keep the
     players' tokens and resume tokens (bearer secrets both) out of the logs. Names
-    are read as the relay reads them (percent-decoded: ``%74oken`` is ``token``)."""
+    are read as the relay reads them (percent-decoded: ``%74oken`` is ``token``), and
+    more loosely (any case, after ``;`` too), since a reader of the log might."""
 
-    QUERY = re.compile(r"\?([^\s\"']+)")
+    # Every name=value after a ?, & or ; anywhere in the line: a query string is not
+    # cut out first, so that no character in it (a quote, say) can hide what follows.
+    PAIR = re.compile(r"(?<=[?&;])([^=&;?\s]*)=([^&;\s]*)")
     SECRETS = frozenset({"token", "resume"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "?" in message:
-            redacted = self.QUERY.sub(self._redact, message)
+            redacted = self.PAIR.sub(self._redact, message)
             if redacted != message:
                 record.msg, record.args = redacted, ()
         return True
 
-    SEPARATOR = re.compile(r"([&;])")  # ';' too: the relay does not split on it, a reader might
-
     def _redact(self, match: re.Match[str]) -> str:
-        parts = self.SEPARATOR.split(match.group(1))
-        changed = False
-        for i in range(0, len(parts), 2):  # the odd items are the separators
-            name, eq, _ = parts[i].partition("=")
-            if eq and unquote_plus(name).strip().lower() in self.SECRETS:
-                parts[i] = f"{name}=<redacted>"
-                changed = True
-        return "?" + "".join(parts) if changed else match.group(0)
+        name, value = match.groups()
+        if unquote_plus(name).strip().lower() not in self.SECRETS:
+            return match.group(0)
+        closing = '"' if value.endswith('"') else ""  # the log line's own closing quote
+        return f"{name}=<redacted>{closing}"
 
 
 def redact_secrets_in_logs() -> None:

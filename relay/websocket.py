@@ -117,6 +117,9 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.handle_events()
             if not self.close_sent:
                 self.handle_parser_exception()
+            else:  # our close went first: end the connection all the same
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
             return
         self.handle_events()
         if not self.handshake_initiated and self.conn.handshake_exc is not None:
@@ -195,14 +198,16 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         queued, keep = [], []
         while not self.queue.empty():
             message = self.queue.get_nowait()
-            if message["type"] == "websocket.receive" and message.get("bytes") is not None:
+            if not keep and message["type"] == "websocket.receive" and message.get("bytes") is not None:
                 queued.append(message["bytes"])
-            else:
+            else:  # from the first other message on, all stay in order for the app
                 keep.append(message)
         for message in keep:
             self.queue.put_nowait(message)
-        self.on_binary = on_binary
-        self._split_here = can_read_binary_frames(self.conn)
+        if not any(m.get("text") is not None for m in keep):
+            # No text frame waiting for its 1003: later frames may take the fast path.
+            self.on_binary = on_binary
+            self._split_here = can_read_binary_frames(self.conn)
         for data in queued:
             on_binary(data)
         if self.read_paused and self.queue.empty():

@@ -302,3 +302,11 @@ async def test_tokens_and_resume_tokens_stay_out_of_the_log(relay_with, room):
     server.log.seek(0)
     log = server.log.read().decode(errors="replace")
     assert token.split(".")[2] not in log and "x=1;token=<redacted>" in log
+    # Nor can a quote in an earlier parameter hide it.
+    async with connect(server.url, room, token=token, name="O'Brien") as client:
+        assert client.members[client.actor].meta == {"name": "O'Brien"}
+    ws = await raw_connect(server.url, room, f"?name=O'Brien&token={token}")
+    await raw_messages(ws)
+    await ws.close()
+    server.log.seek(0)
+    assert token.split(".")[2] not in server.log.read().decode(errors="replace")

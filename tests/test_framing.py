@@ -289,3 +289,34 @@ async def test_moves_after_a_text_frame_in_the_same_read_are_not_relayed(relay, 
     finally:
         await raw.close()
         await watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_frames_that_wait_for_the_join_stop_at_a_text_frame(redis_server, redis_relays, room) -> None:
+    """With Redis the join takes a round trip, so frames sent right after the upgrade
+    wait for it, in order; a text frame among them ends the connection (1003) before
+    the moves behind it."""
+    [server] = redis_relays(redis_server.url, 1)
+    watcher = await open_client(server.url, room, player="watcher")
+    raw = await RawSocket.websocket(server.port, room, "raw")
+    try:
+        assert await raw.send(ws_frame(2, move(1)) + ws_frame(1, b"hello") + ws_frame(2, move(2)) + ws_frame(2, move(3)))
+        assert await raw.close_code() == 1003
+        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
+        assert [m.data for m in seen if isinstance(m, Event)] == [1]
+    finally:
+        await raw.close()
+        await watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_frame_after_the_servers_close_ends_the_connection_at_once(relay_with, room) -> None:
+    server = relay_with(close_timeout_s=30, max_close_wait_s=60)
+    raw = await RawSocket.websocket(server.port, room, "raw")
+    try:
+        assert await raw.send(ws_frame(1, b"text"))  # the relay closes with 1003...
+        assert await raw.close_code() == 1003
+        assert await raw.send(ws_frame(2, move(1), mask=False))  # ...and gets a bad frame, not a close
+        assert await raw.closed_by_server(seconds=5)  # not after close_timeout_s
+    finally:
+        await raw.close()

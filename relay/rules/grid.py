@@ -3,8 +3,11 @@
 A player may first appear on any free cell, then moves one step at a time (up,
 down, left or right); no two players may stand on one cell. ``pos = nil`` takes
 the player off the board; it comes back on the cell it left or one step from
-there (else stepping off and on would jump across the board). Other STATE keys
-and EVENTs are not this rule's business and pass.
+there (else stepping off and on would jump across the board). That cell is
+remembered by the rules of the process that saw the player step off: with Redis,
+another node that starts serving the room afterwards (it builds its rules from the
+snapshot, where an off-board player has no ``pos``) lets it come back anywhere.
+Other STATE keys and EVENTs are not this rule's business and pass.
 """
 
 from __future__ import annotations

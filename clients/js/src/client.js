@@ -131,7 +131,7 @@ export class RelayClient {
     /** @type {'connecting'|'open'|'reconnecting'|'closed'} */
     this.status = 'connecting';
     this.view = new RoomView();
-    /** EVENTs the server dropped for this client because it read too slowly. */
+    /** EVENTs (and DIRECTs) the server dropped for this client: it read too slowly, or its seat was held. */
     this.droppedTotal = 0;
     /** @type {Record<string, number>} the limits in force, from WELCOME */
     this.limits = {};

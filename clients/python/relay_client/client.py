@@ -134,7 +134,9 @@ class Client:
         """Queue a STATE: this player's value under ``key`` (``None`` deletes it).
 
         Without ``echo`` the server does not send it back, so :attr:`snapshot` takes
-        it at once (as the server will, unless it refuses the move with an Error).
+        it at once, as sent: if the server refuses it (an Error with its seq), the
+        snapshot keeps it all the same. Join with ``echo=True`` for a snapshot that
+        holds only what the room accepted.
         """
         seq = next(self._seq)
         self._queue_out(_Move(seq, _pack([2, seq, key, data]), key, data))
@@ -167,11 +169,13 @@ class Client:
         return time.perf_counter() - sent
 
     async def flush(self) -> None:
-        """Wait until everything queued so far has been written to the socket."""
+        """Wait until everything queued so far has been written to the socket (or, while
+        the client reconnects, has been tried once: it goes out after the resume)."""
         while self._flush_task is not None and not self._flush_task.done():
             await asyncio.shield(self._flush_task)
-        if self._outgoing:
-            await self._write()
+        if self._outgoing:  # one writer at a time: a batch's frames must not interleave
+            self._schedule_write()
+            await asyncio.shield(self._flush_task)  # type: ignore[arg-type]
 
     def _queue_out(self, move: _Move | None, ping: bytes = b"") -> None:
         if self.close_code is not None:
@@ -292,7 +296,11 @@ class Client:
             self._at = (self._at + 1) % len(self._addresses)
         while asyncio.get_running_loop().time() < deadline and not self._closing:
             if self._token is not None:
-                query["token"] = self._token()
+                try:
+                    query["token"] = self._token()
+                except Exception as exc:  # the app's token source failed: that ends it
+                    self._verdict = RelayClosed(None, f"the token function failed: {exc!r}")
+                    return False
             try:
                 ws, welcome, rest = await _open(self._addresses[self._at], query, self._open_timeout)
             except RelayClosed as exc:
