@@ -52,8 +52,12 @@ class Settings:
     max_snapshot_bytes: int = _setting(
         262144, "a room's STATE in all (each key counts 64 bytes plus its value); past it: ERROR too_large"
     )
-    max_connections: int = _setting(20000, "open WebSockets per process (seats held for resume count); the next gets 1013")
-    max_connections_per_ip: int = _setting(4096, "open WebSockets per client IP (seats held for resume count); the next gets 1013")
+    max_connections: int = _setting(
+        20000, "open WebSockets per process (seats held for resume count); the next gets 1013"
+    )
+    max_connections_per_ip: int = _setting(
+        4096, "open WebSockets per client IP (seats held for resume count); the next gets 1013"
+    )
     max_rooms: int = _setting(10000, "rooms with players on this process; a new one gets 1013")
     outbox_soft_bytes: int = _setting(65536, "queued bytes past which STATE is coalesced")
     outbox_hard_bytes: int = _setting(262144, "queued bytes past which oldest EVENTs are dropped")

@@ -127,7 +127,11 @@ class RelayCollector:
         yield _by_label("relay_errors", "ERROR messages sent, by code", "code", s.errors)
         closes = {str(int(code)): n for code, n in s.closes.items()}
         yield _by_label("relay_closes", "connections closed, by close code", "code", closes)
-        yield _counter("relay_dropped_events", "EVENTs and DIRECTs dropped for slow readers, and DIRECTs past max_held_directs for held seats", s.dropped)
+        yield _counter(
+            "relay_dropped_events",
+            "EVENTs and DIRECTs dropped for slow readers, and DIRECTs past max_held_directs for held seats",
+            s.dropped,
+        )
         yield _counter("relay_coalesced_states", "STATEs replaced by newer ones", s.coalesced)
         yield _counter(
             "relay_slow_consumer_closes", "connections closed with 4008", s.slow_consumer_closes

@@ -194,7 +194,8 @@ class Node:
             seat.arrive_after = joined.offset
         else:
             self._arrived(seat)
-            seat.actor, seat.held_directs, seat.held_directs_lost = 0, None, 0  # no such seat: the caller may join afresh
+            # No such seat: the caller may join afresh.
+            seat.actor, seat.held_directs, seat.held_directs_lost = 0, None, 0
             await self._forget_if_empty(room)
             return None
         seat.actor = joined.member.actor
