@@ -184,7 +184,9 @@ class Client:
         limit = self.limits.get("max_frame_bytes")
         if isinstance(limit, int) and len(wire) > limit:
             # Alone in a frame it would still be too big: the server would close with 1009.
-            raise ValueError(f"a message of {len(wire)} bytes is larger than the server's max_frame_bytes ({limit})")
+            raise ValueError(
+                f"a message of {len(wire)} bytes is larger than the server's max_frame_bytes ({limit})"
+            )
         if move is not None:
             self._sent.append(move)  # kept to re-send after a resume
             self._outgoing.append((move.seq, wire))
@@ -344,7 +346,8 @@ class Client:
             # the ones that never left included; the PINGs that never left follow.
             last = welcome.last_seq if welcome.last_seq is not None else -1
             again = [m for m in self._sent if m.seq > last]
-            self._outgoing = [(m.seq, m.wire) for m in again] + [o for o in self._outgoing if o[0] is None]
+            pings = [o for o in self._outgoing if o[0] is None]
+            self._outgoing = [(m.seq, m.wire) for m in again] + pings
         else:
             # A new seat has none of the old one's moves, and the old seat may have applied
             # any move that left: only those that never left go out, as they are.
@@ -453,7 +456,8 @@ async def open_client(
     addresses = addresses[at:] + addresses[:at]  # the one that answered first
     client = Client(
         ws, welcome, max_queue=max_queue, address=addresses, query=query,
-        token=token if callable(token) else None, auto_resume=auto_resume, resume_for_s=resume_for_s, open_timeout=open_timeout,
+        token=token if callable(token) else None, auto_resume=auto_resume,
+        resume_for_s=resume_for_s, open_timeout=open_timeout,
     )
     for message in rest:  # anything batched with WELCOME comes next, in order
         if message is not None:
