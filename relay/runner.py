@@ -8,8 +8,11 @@ every relay in the process flush its outboxes and close its clients with 1001
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
 import socket
 
 import uvicorn
@@ -37,6 +40,33 @@ class RelayWorker(multiprocess.Process):
         if self._server is None:
             self._server = RelayServer(config=self.config)
         return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        stop_with_parent()
+        super().target(sockets)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """Have this worker get SIGTERM (a graceful 1001 shutdown) when its supervisor dies.
+
+    A supervisor killed with SIGKILL cannot stop its workers: they would go on serving
+    the port, orphaned, as a node nobody manages. Linux only; elsewhere a no-op.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not hasattr(os, "getppid"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -194,3 +197,26 @@ async def test_the_same_player_joining_many_times_at_once_keeps_one_connection(r
         finally:
             for ws in sockets:
                 await ws.close()
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(redis_server, room):
+    """A supervisor killed with SIGKILL leaves no orphan workers serving the port."""
+    server = RelayProcess(free_port(), {"redis": redis_server.url, "workers": 2}).start()
+    try:
+        wait_until(lambda: command(redis_server.port, "SCARD", "relay:nodes").startswith(b":2"), 20, "two workers")
+        parent = server.proc.pid
+        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        assert len(workers) >= 2
+        client = await open_client(server.url, room, player="p", auto_resume=False)
+        os.kill(parent, signal.SIGKILL)
+        assert (await closed(client, seconds=20)).code == 1001  # the workers' graceful shutdown
+        wait_until(lambda: not any(Path(f"/proc/{w}").exists() and _alive(w) for w in workers), 20, "workers gone")
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # not a zombie
+    except OSError:
+        return False

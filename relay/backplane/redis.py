@@ -598,7 +598,8 @@ class RedisBackplane:
         if self._closed:
             return
         if self._up:
-            log.warning("redis backplane: connection lost (%s); moves are refused until it is back", exc)
+            why = str(exc) or type(exc).__name__  # a timeout has no message of its own
+            log.warning("redis backplane: connection lost (%s); moves are refused until it is back", why)
             self.stats.errors["connection"] += 1
         self._up = False
         self._broken.set()
