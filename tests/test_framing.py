@@ -250,6 +250,24 @@ async def test_an_unmasked_frame_after_good_moves_still_closes_1002(relay, room)
         await raw.close()
 
 
+async def moves_relayed_before_the_close(server, room: str, one_write: bytes) -> tuple[int | None, list, int]:
+    """Send ``one_write`` from a raw player: its close code, the moves a watcher saw from
+    it, and the close code in its LEAVE."""
+    watcher = await open_client(server.url, room, player="watcher")
+    raw = await RawSocket.websocket(server.port, room, "raw")
+    try:
+        assert await raw.send(one_write)
+        code = await raw.close_code()
+        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
+        return code, [m.data for m in seen if isinstance(m, Event)], seen[-1].code
+    finally:
+        await raw.close()
+        await watcher.close()
+
+
+TEXT_AMONG_MOVES = ws_frame(2, move(1)) + ws_frame(1, b"hello") + ws_frame(2, move(2)) + ws_frame(2, move(3))
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("bad", "code"),
@@ -263,32 +281,13 @@ async def test_an_unmasked_frame_after_good_moves_still_closes_1002(relay, room)
     ids=["too-big", "unmasked", "rsv", "opcode-5", "close-999"],
 )
 async def test_moves_read_together_with_a_bad_frame_are_relayed_before_the_close(relay, room, bad, code) -> None:
-    watcher = await open_client(relay.url, room, player="watcher")
-    raw = await RawSocket.websocket(relay.port, room, "raw")
-    try:
-        assert await raw.send(ws_frame(2, move(1)) + ws_frame(2, move(2)) + bad)  # one write
-        assert await raw.close_code() == code
-        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
-        assert [m.data for m in seen if isinstance(m, Event)] == [1, 2]
-        assert seen[-1].code == code
-    finally:
-        await raw.close()
-        await watcher.close()
+    one_write = ws_frame(2, move(1)) + ws_frame(2, move(2)) + bad
+    assert await moves_relayed_before_the_close(relay, room, one_write) == (code, [1, 2], code)
 
 
 @pytest.mark.asyncio
 async def test_moves_after_a_text_frame_in_the_same_read_are_not_relayed(relay, room) -> None:
-    watcher = await open_client(relay.url, room, player="watcher")
-    raw = await RawSocket.websocket(relay.port, room, "raw")
-    try:
-        assert await raw.send(ws_frame(2, move(1)) + ws_frame(1, b"hello") + ws_frame(2, move(2)) + ws_frame(2, move(3)))
-        assert await raw.close_code() == 1003
-        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
-        assert [m.data for m in seen if isinstance(m, Event)] == [1]
-        assert seen[-1].code == 1003
-    finally:
-        await raw.close()
-        await watcher.close()
+    assert await moves_relayed_before_the_close(relay, room, TEXT_AMONG_MOVES) == (1003, [1], 1003)
 
 
 @pytest.mark.asyncio
@@ -297,16 +296,7 @@ async def test_frames_that_wait_for_the_join_stop_at_a_text_frame(redis_server, 
     wait for it, in order; a text frame among them ends the connection (1003) before
     the moves behind it."""
     [server] = redis_relays(redis_server.url, 1)
-    watcher = await open_client(server.url, room, player="watcher")
-    raw = await RawSocket.websocket(server.port, room, "raw")
-    try:
-        assert await raw.send(ws_frame(2, move(1)) + ws_frame(1, b"hello") + ws_frame(2, move(2)) + ws_frame(2, move(3)))
-        assert await raw.close_code() == 1003
-        seen = await collect(watcher, lambda ms: any(isinstance(m, Leave) for m in ms))
-        assert [m.data for m in seen if isinstance(m, Event)] == [1]
-    finally:
-        await raw.close()
-        await watcher.close()
+    assert await moves_relayed_before_the_close(server, room, TEXT_AMONG_MOVES) == (1003, [1], 1003)
 
 
 @pytest.mark.asyncio
