@@ -236,7 +236,9 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
         @app.get("/client.js")
         async def client_js() -> Response:
             body = (static / "client.js").read_bytes()
-            return Response(body, media_type="text/javascript")
+            # A module any page may import (a game's own page on another origin): it is
+            # public code, fetched without credentials.
+            return Response(body, media_type="text/javascript", headers={"Access-Control-Allow-Origin": "*"})
 
     app.mount("/static", StaticFiles(directory=str(static), check_dir=False), name="static")
     return RelayApp(app, WebSocketEndpoint(relay))  # type: ignore[return-value]

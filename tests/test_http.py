@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+import urllib.request
 
 import pytest
 
@@ -52,3 +53,11 @@ async def test_metrics_count_traffic(relay, room):
     ):
         assert f"\n{name} " in text, name
     assert before != text
+
+
+async def test_the_browser_client_can_be_imported_by_a_page_on_another_origin(relay):
+    request = urllib.request.Request(relay.http + "/client.js", headers={"Origin": "http://game.example"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/javascript")
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+        assert b"export" in r.read()

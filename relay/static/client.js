@@ -1697,7 +1697,10 @@ function socketUrl(o) {
       `room must be 1-64 characters from A-Z a-z 0-9 _ . : -, not ${JSON.stringify(o.room)}`
     );
   }
-  const url = new URL(o.url ?? globalThis.location.origin);
+  const origin = o.url ?? globalThis.location?.origin;
+  if (!origin)
+    throw new TypeError("url is required outside a page served by the relay (e.g. in Node)");
+  const url = new URL(origin);
   url.protocol = url.protocol.replace(/^http/, "ws");
   url.pathname = `${url.pathname.replace(/\/$/, "")}/ws/${o.room}`;
   url.search = "";

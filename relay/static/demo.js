@@ -439,7 +439,10 @@ function renderMembers() {
   );
   $('count').textContent = String(client.members.size);
   const me = $('me');
-  me.textContent = `${name} (actor ${client.actor})`;
+  // The relay's name for us: with a token, the token's name wins over ours.
+  const myName = client.members.get(client.actor)?.meta?.name || name;
+  me.textContent = `${myName} (actor ${client.actor})`;
+  document.title = `${myName} · ${room} · relay`;
   me.dataset.actor = String(client.actor);
 }
 

@@ -45,6 +45,8 @@ test('the socket URL carries the room and the query parameters', () => {
   });
   assert.equal(url, 'wss://example.org/game/ws/grid:lobby?player=p+1&name=Ada&echo=1');
   assert.throws(() => socketUrl({ url: 'http://x', room: 'no/slash' }), TypeError);
+  // Outside a page (Node) there is no origin to default to: say so.
+  assert.throws(() => socketUrl({ room: 'grid:lobby' }), /url is required/);
 });
 
 test('connect resolves on WELCOME with the members and the snapshot', async () => {
