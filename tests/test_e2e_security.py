@@ -147,6 +147,20 @@ async def test_held_seats_count_against_the_connection_limits_until_their_hold_e
         await b.close()
 
 
+async def test_a_held_seat_gives_its_place_back_when_its_hold_runs_out(relay_with, room):
+    server = relay_with(max_connections_per_ip=2, resume_window_s=2)
+    async with connect(server.url, room, player="watch") as watch:
+        away = await open_client(server.url, room, player="away", auto_resume=False)
+        away.ws.transport.abort()
+        await held_on(server, 1)
+        assert (await refused(server, room, player="c")).code == 1013  # watch + the held seat
+        leave = await next_of(watch, Leave, seconds=10)  # the hold ran out: LEAVE 1006
+        assert (leave.actor, leave.code) == (away.actor, 1006)
+        async with connect(server.url, room, player="c") as c:  # its place was freed before its LEAVE
+            assert c.actor != away.actor
+        await away.close()
+
+
 async def test_flood_is_rate_limited_then_closed_4029(relay_with, room):
     server = relay_with(max_msgs_per_s=10, burst=5, max_rate_errors=20)
     async with connect(server.url, room, player="watch") as watch:
