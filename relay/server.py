@@ -227,18 +227,19 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
     static = resources.files("relay") / "static"
     if (static / "index.html").is_file():
 
-        @app.get("/")
+        @app.api_route("/", methods=["GET", "HEAD"])
         async def index() -> Response:
             return Response((static / "index.html").read_bytes(), media_type="text/html")
 
     if (static / "client.js").is_file():
 
-        @app.get("/client.js")
+        @app.api_route("/client.js", methods=["GET", "HEAD"])
         async def client_js() -> Response:
             body = (static / "client.js").read_bytes()
             # A module any page may import (a game's own page on another origin): it is
             # public code, fetched without credentials.
-            return Response(body, media_type="text/javascript", headers={"Access-Control-Allow-Origin": "*"})
+            cors = {"Access-Control-Allow-Origin": "*"}
+            return Response(body, media_type="text/javascript", headers=cors)
 
     app.mount("/static", StaticFiles(directory=str(static), check_dir=False), name="static")
     return RelayApp(app, WebSocketEndpoint(relay))  # type: ignore[return-value]

@@ -61,3 +61,6 @@ async def test_the_browser_client_can_be_imported_by_a_page_on_another_origin(re
         assert r.headers["Content-Type"].startswith("text/javascript")
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         assert b"export" in r.read()
+    head = urllib.request.Request(relay.http + "/client.js", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as r:
+        assert r.status == 200 and r.read() == b""
