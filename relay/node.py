@@ -696,7 +696,9 @@ class Node:
         if wire.startswith(_DROPPED_HEAD):  # a count passed on from the seat's old node (seat_moved)
             seat.held_directs_lost += msgpack.unpackb(wire)[1]
             return
-        self._keep_held_directs(seat, [*(seat.held_directs or ()), wire])
+        kept = seat.held_directs if seat.held_directs is not None else []
+        kept.append(wire)
+        self._keep_held_directs(seat, kept)
 
     def _keep_held_directs(self, seat: Seat, kept: list[bytes]) -> None:
         """Keep the newest ``max_held_directs`` for the held seat, and count the others."""
