@@ -25,7 +25,6 @@ from relay.node import LocalRoom, Seat
 from relay.outbox import Outbox
 from relay.protocol import CloseCode, Direct, ErrorCode, Event, Invalid, Ping, State
 from relay.room import event_entry, state_entry
-from relay.rules.base import Reject
 from relay.session import Session
 from relay.websocket import EXTENSION, RelayWebSocketProtocol
 
@@ -397,9 +396,9 @@ class Connection:
                 continue
             data = msg.data  # type: ignore[union-attr]
             if ruled:
-                checked = self._check_rules(msg)
-                if isinstance(checked, Reject):
-                    if self._reject(Invalid(msg.seq, checked.code, checked.reason), now):  # type: ignore[union-attr]
+                checked = self._check_rules(msg)  # type: ignore[arg-type]
+                if type(checked) is Invalid:
+                    if self._reject(checked, now):
                         return
                     continue
                 data = checked
@@ -426,19 +425,29 @@ class Connection:
                     continue
             session.accepted(msg.seq)  # type: ignore[union-attr]
 
-    def _check_rules(self, msg: Event | State | Direct) -> bytes | Reject:
+    def _check_rules(self, msg: Event | State | Direct) -> bytes | Invalid:
+        """The room's rules on a move, unless the relay refuses it anyway: then the
+        rules never hear of it (they would count a move the room never got)."""
         seat = self.seat
         assert seat is not None
         node = self.relay.node
-        if type(msg) is Event:
-            return node.check(seat, "event", msg.data)
-        if type(msg) is State:
-            return node.check(seat, "state", msg.data, key=msg.key)
-        return node.check(seat, "direct", msg.data, to_actor=msg.to_actor)  # type: ignore[union-attr]
+        if not node.backplane.ready():
+            return msg.data  # refused as unavailable
+        kind = type(msg)
+        if kind is Event:
+            return node.check(seat, msg.seq, "event", msg.data)
+        if kind is State:
+            if node.snapshot_change(seat, msg.key, msg.data) is None:  # type: ignore[union-attr]
+                return msg.data  # refused as too_large
+            return node.check(seat, msg.seq, "state", msg.data, key=msg.key)  # type: ignore[union-attr]
+        if not node.has_actor(seat, msg.to_actor):  # type: ignore[union-attr]
+            return msg.data  # refused as no_such_actor
+        return node.check(seat, msg.seq, "direct", msg.data, to_actor=msg.to_actor)  # type: ignore[union-attr]
 
     def _reject(self, invalid: Invalid, now: float) -> bool:
         """Answer ERROR; True when the connection has used up its error budget."""
-        self.stats.errors[invalid.code.value] += 1
+        code = invalid.code
+        self.stats.errors[code.value if isinstance(code, ErrorCode) else "game"] += 1  # a game's own code
         seat = self.seat
         assert seat is not None
         self.relay.node.reply(seat, protocol.error(invalid.seq, invalid.code, invalid.message))

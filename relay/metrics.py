@@ -43,6 +43,7 @@ class Stats:
         self.coalesced = 0
         self.slow_consumer_closes = 0
         self.resumes: Counter[str] = Counter()  # seats taken back, by where they were held
+        self.rules_failures: Counter[str] = Counter()  # game rules that raised or misbehaved, by hook
 
     def count_out(self, entries: list[Entry], recipients: int) -> None:
         """Count one batch delivered to ``recipients`` seats (own moves included, roughly)."""
@@ -137,6 +138,9 @@ class RelayCollector:
             "relay_slow_consumer_closes", "connections closed with 4008", s.slow_consumer_closes
         )
         yield _by_label("relay_resumes", "seats resumed, by the node that held them", "held_by", s.resumes)
+        yield _by_label(
+            "relay_rules_failures", "game rules that raised or returned a bad verdict, by hook", "hook", s.rules_failures
+        )
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)
         if self.backplane is not None:

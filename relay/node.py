@@ -30,7 +30,8 @@ from relay.metrics import Stats
 from relay.outbox import Batch, Outbox
 from relay.protocol import DIRECT, EVENT, JOIN, LEAVE, STATE, CloseCode, ErrorCode
 from relay.room import Entry, Member, RoomState, snapshot_cost
-from relay.rules.base import ACCEPT, Move, Reject, RoomView, Rules, load, parse_rules_setting
+from relay.rules.base import load, parse_rules_setting
+from relay.rules.guard import GuardedRules, RulesFailures
 
 log = logging.getLogger("relay.node")
 _DROPPED_HEAD = protocol.dropped(0)[:2]  # how a DROPPED message starts; no DIRECT's wire does
@@ -97,8 +98,7 @@ class LocalRoom:
     # change the snapshot's size by, so that max_snapshot_bytes holds within a batch too.
     pending_state: dict[tuple[int, str | int], int] = field(default_factory=dict)
     pending_state_change: int = 0
-    rules: Rules | None = None  # the game rules of the room's type, if any
-    view: RoomView | None = None
+    rules: GuardedRules | None = None  # the game rules of the room's type, if any
     last_publish: float = -1e9  # loop time of the room's last published batch
     publish_timer: asyncio.TimerHandle | None = None
     gone_checks: list[tuple[int, Seat]] = field(default_factory=list)  # see Node.seat_gone
@@ -125,6 +125,7 @@ class Node:
         self.rules = {
             room_type: load(spec) for room_type, spec in parse_rules_setting(settings.rules).items()
         }
+        self.rules_failures = RulesFailures(stats.rules_failures)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -214,7 +215,7 @@ class Node:
                 if entry.offset > room.state.offset:
                     room.state.apply(entry)
                     if room.rules is not None:
-                        self._tell_rules(room, entry)
+                        room.rules.tell(entry, entry.actor in room.seats)
         early, seat.early = seat.early or [], None
         room.seats[seat.actor] = seat
         self.tokens[seat.resume_token] = seat
@@ -520,12 +521,15 @@ class Node:
             seat.last_seq = seq  # taken: recorded with the batch that carries it (see _publish_room)
         return True
 
+    def has_actor(self, seat: Seat, actor: int) -> bool:
+        state = seat.room.state
+        return state is not None and actor in state.members
+
     def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:
         """Send a DIRECT; False when the room has no such actor."""
-        room = seat.room
-        state = room.state
-        if state is None or to_actor not in state.members:
+        if not self.has_actor(seat, to_actor):
             return False
+        room = seat.room
         if not self.backplane.ready():
             self._unavailable(seat, seq)
             return True
@@ -613,7 +617,7 @@ class Node:
             for entry in entries:
                 state.apply(entry)
                 if room.rules is not None:
-                    self._tell_rules(room, entry)
+                    room.rules.tell(entry, entry.actor in room.seats)
             if not entries:
                 return
         if room.arriving:  # an entry sequenced after a takeover comes after its notice
@@ -672,7 +676,7 @@ class Node:
         if room is None:
             return
         room.state = None
-        room.rules = room.view = None
+        room.rules = None
         seats, room.seats = list(room.seats.values()), {}
         for seat in seats:
             self.kick(seat, CloseCode.INTERNAL_ERROR, "room resynchronising; rejoin", flush=True)
@@ -721,45 +725,23 @@ class Node:
     # --- game rules ------------------------------------------------------------------
 
     def check(
-        self, seat: Seat, kind: str, data: bytes, key: str | int | None = None, to_actor: int | None = None
-    ) -> bytes | Reject:
-        """Run the room's rules on a move: the data to relay (maybe replaced), or a Reject."""
-        room = seat.room
-        if room.rules is None or room.view is None:
+        self, seat: Seat, seq: int, kind: str, data: bytes, key: str | int | None = None, to_actor: int | None = None
+    ) -> bytes | protocol.Invalid:
+        """Run the room's rules on a move: the data to relay (maybe replaced), or why not."""
+        rules = seat.room.rules
+        if rules is None:
             return data
-        move = Move(kind, _decode(data), key, to_actor)  # type: ignore[arg-type]
-        verdict = room.rules.validate(room.view, seat.actor, move)
-        if verdict is ACCEPT:
-            return data
-        if isinstance(verdict, Reject):
-            return verdict
-        return protocol.pack(verdict.data)  # type: ignore[union-attr]
+        return rules.validate(seat.actor, seq, kind, data, key, to_actor)
 
     def _start_rules(self, room: LocalRoom) -> None:
         cls = self.rules.get(room.name.partition(":")[0]) if ":" in room.name else None
         if cls is None or room.state is None:
-            room.rules = room.view = None
+            room.rules = None
             return
-        room.rules, room.view = cls(room.name), RoomView(room.state)
-        for actor in room.state.members:
-            room.rules.on_join(room.view, actor)
-        for actor, values in room.state.snapshot.items():
-            for key, raw in values.items():
-                room.rules.observe(room.view, actor, Move("state", _decode(raw), key))
-
-    def _tell_rules(self, room: LocalRoom, entry: Entry) -> None:
-        rules, view, kind = room.rules, room.view, entry.kind
-        assert rules is not None and view is not None
-        if kind is JOIN:
-            rules.on_join(view, entry.actor)
-        elif kind is LEAVE:
-            rules.on_leave(view, entry.actor)
-        elif entry.actor not in room.seats:  # a local player's moves reached validate()
-            data = _decode(entry.value) if entry.value is not None else None
-            if kind is STATE:
-                rules.observe(view, entry.actor, Move("state", data, entry.key))
-            elif kind is EVENT:
-                rules.observe(view, entry.actor, Move("event", data))
+        s = self.settings
+        room.rules = GuardedRules(
+            cls, room.state, self.rules_failures, max_message_bytes=s.max_message_bytes, max_depth=s.max_depth
+        )
 
     def reply(self, seat: Seat, wire: bytes) -> None:
         """Queue a control message (ERROR, PONG) for one seat."""
@@ -858,10 +840,6 @@ def _leave_code(entry: Entry) -> int | None:
     except (ValueError, IndexError, TypeError):
         return None
     return code if type(code) is int else None
-
-
-def _decode(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
 def _as_of(joined: Joined, state: RoomState, offset: int, missed: list[Entry] | None = None) -> Joined | None:

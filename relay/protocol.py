@@ -74,6 +74,7 @@ class ErrorCode(enum.StrEnum):
     NO_SUCH_ACTOR = "no_such_actor"
     REJECTED = "rejected"
     UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"  # the room's game rules failed on the move (relay/rules/guard.py)
 
 
 # --- client to server ------------------------------------------------------------
@@ -109,7 +110,7 @@ class Invalid:
     """A message the decoder refused; answered with ERROR and never relayed."""
 
     seq: int | None
-    code: ErrorCode
+    code: ErrorCode | str  # a str: a code of the game's own, from its rules (relay/rules/guard.py)
     message: str
 
 
@@ -443,8 +444,8 @@ def direct(from_actor: int, seq: int, data: bytes) -> bytes:
     return b"\x94\x03" + _pack(from_actor) + _pack(seq) + data
 
 
-def error(ref_seq: int | None, code: ErrorCode, message: str) -> bytes:
-    return _pack([MsgType.ERROR.value, ref_seq, code.value, message])
+def error(ref_seq: int | None, code: ErrorCode | str, message: str) -> bytes:
+    return _pack([MsgType.ERROR.value, ref_seq, str(code), message])
 
 
 def dropped(count: int) -> bytes:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import websockets
 
 from relay import auth
-from relay_client import Event, Leave, RelayClosed, Resumed, Resynced, State, connect, open_client
-from tests.helpers import LinkCutter, closed, collect, held_on
+from relay_client import Error, Event, Leave, RelayClosed, Resumed, Resynced, State, connect, open_client
+from tests.helpers import LinkCutter, closed, collect, held_on, next_of
 
 pytestmark = pytest.mark.asyncio
 
@@ -122,3 +123,17 @@ async def test_own_state_is_in_the_snapshot_without_echo_as_a_late_joiner_sees_i
             ann.send_state("pos", None)
             await collect(late, lambda ms: any(isinstance(m, State) and m.data is None for m in ms))
             assert ann.snapshot == late.snapshot == {}
+
+
+async def test_a_move_the_rules_refused_is_not_sent_again_after_a_resume(relay):
+    room = f"turns:{time.monotonic_ns()}"
+    async with connect(relay.url, room, player="ann") as ann, connect(relay.url, room, player="bob") as bob:
+        early = bob.send_event("out of turn")  # ann's turn: refused
+        error = await next_of(bob, Error)
+        assert error.ref_seq == early
+        ann.send_event("a1")  # now it is bob's turn
+        await next_of(bob, Event)
+        bob.ws.transport.abort()  # the link breaks; the seat is resumed
+        await collect(bob, lambda ms: any(isinstance(m, Resumed) for m in ms), seconds=10)
+        bob.send_event("b1")
+        assert (await next_of(ann, Event)).data == "b1"  # not the refused move, played out of its time

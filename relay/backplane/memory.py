@@ -8,11 +8,14 @@ not a fake: the node code it drives is the same that the Redis backplane drives.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from relay.backplane.base import Joined, Receiver, RoomFull
 from relay.protocol import CloseCode
 from relay.room import Entry, Member, RoomState, join_entry, leave_entry
+
+log = logging.getLogger("relay.memory")
 
 
 class MemoryBackplane:
@@ -102,4 +105,8 @@ class MemoryBackplane:
     def _sequence(self, room: str, state: RoomState, entries: list[Entry]) -> None:
         state.sequence(entries)
         assert self._receiver is not None
-        self._receiver.deliver(room, entries)
+        try:
+            self._receiver.deliver(room, entries)
+        except Exception:  # a bug: the room's members are closed and rejoin, never left without a word
+            log.exception("delivering room %s failed; its players are closed with 1011 to rejoin", room)
+            self._receiver.resync(room)

@@ -520,7 +520,11 @@ class RedisBackplane:
         elif r.holding is not None:
             r.holding.append(items)
         else:
-            self._deliver(r, items)
+            try:
+                self._deliver(r, items)
+            except Exception:  # a bug: one room's members rejoin; the link and other rooms go on
+                log.exception("redis backplane: delivering room %s failed", r.name)
+                self._resync(r, "a batch could not be delivered")
 
     def _deliver(self, r: _Room, items: list[Any]) -> None:
         epoch, first = items[0].decode(), items[1]

@@ -9,20 +9,47 @@ room it has players in, and calls it:
   player sends, in the order they were sent, before the move is relayed. It
   returns :data:`ACCEPT`, :class:`Reject` (the sender gets ERROR with its code
   and reason, nothing is relayed) or :class:`Replace` (the data is replaced, for
-  example clamped or normalised, before it is relayed).
-* ``on_join`` and ``on_leave`` for every member in the room order, and
-  ``observe`` for every STATE or EVENT of a player seated on *another* node, so
-  an instance can keep its own view of the game (a player's own moves reach it
-  through ``validate``).
+  example clamped or normalised, before it is relayed). ``validate`` is the last
+  check: a move the relay refuses on its own (``too_large`` for the snapshot, a
+  DIRECT to ``no_such_actor``, ``unavailable``) never reaches it, so a move it
+  accepts is relayed. (One exception: Replace data that makes a STATE too big
+  for ``max_snapshot_bytes``.) A Reject's code is an ``ErrorCode`` or one of the
+  game's own (``"not_your_turn"``: 1-32 characters ``a-z 0-9 _``, starting with a
+  letter). Replace data is held to a client's limits (``max_message_bytes``,
+  ``max_depth``, map keys). The sender learns of a Replace only with ``echo=1``:
+  without it, its client keeps the data it sent.
+* ``on_join`` and ``on_leave`` for every member in the room order (in
+  ``on_join`` ``view.actors()`` includes the new member, in ``on_leave`` it no
+  longer has the one leaving), and ``observe`` for every STATE or EVENT of a
+  player seated on *another* node, so an instance can keep its own view of the
+  game (a player's own moves reach it through ``validate``). No hook sees
+  DIRECTs from other nodes: a game that deals hidden information by DIRECT
+  checks it where it is dealt.
+
+An instance made for a room that is already under way (with Redis, a node whose
+first player joins a room mid-game) is given the room as it is: ``on_join`` for
+each member, then ``observe`` for each STATE in the snapshot. EVENTs before that
+are gone, so state that only EVENTs build (whose turn it is) is unknown to it:
+``view.offset`` tells whether anything but these joins has happened yet
+(turns.py shows one way to cope).
+
+Failures are contained (guard.py): a hook that raises is logged and skipped; a
+``validate`` that raises, or returns anything but a verdict, refuses the move
+with ERROR ``internal``; a class whose constructor raises makes the room refuse
+every move. Counted in ``relay_rules_failures_total``.
 
 Cost: rules run on the hot path, in the event loop, once per move. A move's data
 is decoded from msgpack only for rooms that have rules (a few microseconds for
 small moves). ``validate`` must not block or await: keep it to dictionary
 lookups and arithmetic, well under 10 microseconds per move, or the whole
-process slows down. Rules see the room as this node knows it. On one node that
-is exact, because moves are validated in the order they are sequenced. Across
-nodes, two moves that race from different nodes are each validated against the
-state their own node had seen.
+process slows down. The view is the room as this node has sequenced it. Moves are
+validated in the order they are sequenced, but batched: the moves a player sends
+in one frame (the Python and JS clients send everything queued in one tick as one
+frame), and other players' moves of the same event-loop iteration, are validated
+before any of them is in the view. Rules that compare a move with the ones before
+it keep their own record, updated in ``validate`` (grid.py and turns.py do).
+Across nodes, two moves that race from different nodes are each validated
+against the state their own node had seen.
 """
 
 from __future__ import annotations
@@ -48,7 +75,7 @@ class Move:
 @dataclass(slots=True, frozen=True)
 class Reject:
     reason: str
-    code: ErrorCode = ErrorCode.REJECTED
+    code: ErrorCode | str = ErrorCode.REJECTED  # or the game's own: 1-32 of a-z 0-9 _, a letter first
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,6 +105,11 @@ class RoomView:
     @property
     def room(self) -> str:
         return self._state.room
+
+    @property
+    def offset(self) -> int:
+        """The room offset this view includes (JOIN, LEAVE, EVENT and STATE each add one)."""
+        return self._state.offset
 
     def actors(self) -> list[int]:
         """Members' actor numbers, in join order."""

@@ -7,6 +7,11 @@ always allowed. Members present from the start can follow whose turn it is from
 the room order. WELCOME does not say whose turn it is: a late joiner knows it from
 the next EVENT it sees (the turn passes to the member after its sender, in actor
 order, which is join order), or from the reason of a move refused out of turn.
+
+With Redis, a node may make its rules for a room already under way (its first
+player there joins mid-game). It cannot know whose turn it is, since only EVENTs
+pass the turn and they are not in the snapshot. Until it sees the next EVENT, it
+accepts an EVENT from any of its players, then knows the turn from that one.
 """
 
 from __future__ import annotations
@@ -19,20 +24,23 @@ class TurnRules(BaseRules):
         super().__init__(room)
         self.order: list[int] = []
         self.turn: int | None = None
+        self.known: bool | None = None  # whose turn it is; None until the first on_join
 
     def validate(self, view: RoomView, actor: int, move: Move) -> Verdict:
         if move.kind != "event":
             return ACCEPT
-        if self.turn != actor:
+        if self.turn != actor and self.known:
             return Reject(f"not your turn: it is actor {self.turn}'s turn")
-        self._advance()
+        self._played(actor)
         return ACCEPT
 
     def observe(self, view: RoomView, actor: int, move: Move) -> None:
-        if move.kind == "event" and actor == self.turn:
-            self._advance()
+        if move.kind == "event" and (actor == self.turn or not self.known):
+            self._played(actor)
 
     def on_join(self, view: RoomView, actor: int) -> None:
+        if self.known is None:  # made now: for a room with nothing but joins so far, the turn is the first's
+            self.known = view.offset <= len(view.actors())
         if actor not in self.order:
             self.order.append(actor)
         if self.turn is None:
@@ -46,6 +54,10 @@ class TurnRules(BaseRules):
         self.order.remove(actor)
         if not self.order or self.turn == actor:
             self.turn = self.order[0] if self.order else None
+
+    def _played(self, actor: int) -> None:
+        self.turn, self.known = actor, True
+        self._advance()
 
     def _advance(self) -> None:
         if not self.order or self.turn not in self.order:

@@ -1955,6 +1955,7 @@ var RelayClient = class {
         return this._emit("leave", { ...left, code: msg.code, offset: msg.offset });
       }
       case "error":
+        if (msg.seq !== null) this._sent = this._sent.filter((m) => m.seq !== msg.seq);
         return this._emit("error", { seq: msg.seq, code: msg.code, message: msg.message });
       case "dropped": {
         this.droppedTotal += msg.count;

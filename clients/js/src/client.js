@@ -401,6 +401,8 @@ export class RelayClient {
         return this._emit('leave', { ...left, code: msg.code, offset: msg.offset });
       }
       case 'error':
+        // Refused for good: never re-sent after a resume (where rules might take it, out of its time).
+        if (msg.seq !== null) this._sent = this._sent.filter((m) => m.seq !== msg.seq);
         return this._emit('error', { seq: msg.seq, code: msg.code, message: msg.message });
       case 'dropped': {
         this.droppedTotal += msg.count;

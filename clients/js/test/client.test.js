@@ -510,6 +510,21 @@ test('after a resume the moves after last_seq are re-sent in order, in one frame
   assert.deepEqual(sentFrames(next), [[[1, 8, 'm8']]]);
 });
 
+test('a move the server refused (ERROR with its seq) is not re-sent after a resume', async () => {
+  const client = await joined();
+  client.on('error', () => {});
+  client.sendEvent('accepted');
+  const refused = client.sendEvent('out of turn');
+  await tick();
+  const socket = FakeSocket.last();
+  socket.push([7, refused, 'rejected', 'not your turn']);
+  await tick();
+  const next = await breakLink(client);
+  next.push(welcome({ actor: 2, offset: 10, lastSeq: 1 }));
+  await tick();
+  assert.deepEqual(sentFrames(next), []);
+});
+
 test('a held seat that had no move accepted (last_seq nil) gets every move again', async () => {
   const client = await joined();
   client.sendEvent('a');

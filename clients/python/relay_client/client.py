@@ -33,6 +33,7 @@ from websockets.asyncio.client import ClientConnection
 
 from relay_client.messages import (
     Dropped,
+    Error,
     Event,
     Join,
     Leave,
@@ -382,6 +383,13 @@ class Client:
             self.snapshot.pop(message.actor, None)
         elif isinstance(message, Dropped):
             self.dropped += message.count
+        elif isinstance(message, Error) and message.ref_seq is not None:
+            # Answered: refused for good, so never re-sent after a resume (where the rules
+            # might take it, out of its time).
+            for move in self._sent:
+                if move.seq == message.ref_seq:
+                    self._sent.remove(move)
+                    break
         if isinstance(message, (Event, State, Join, Leave)):
             self.offset = max(self.offset, message.offset)
 
