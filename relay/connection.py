@@ -178,12 +178,15 @@ class Connection:
                 leave_code = self.close_code
             if seat.owner is self:  # not taken over by a resuming connection
                 seat.last_seq = self.session.last_seq
-                if self._holds_seat(leave_code):
-                    node.hold(seat, leave_code)
-                elif self._hands_off_seat():
-                    node.hand_off(seat)
-                else:
-                    await node.leave(seat, leave_code)
+                try:
+                    if self._holds_seat(leave_code):
+                        node.hold(seat, leave_code)
+                    elif self._hands_off_seat():
+                        node.hand_off(seat)
+                    else:
+                        await node.leave(seat, leave_code)
+                except Exception:  # a bug: the connection is let go all the same (no leak)
+                    log.exception("leaving %s failed", room)
             await self._finish()
             self.relay.connections.discard(self)
             self.stats.closes[leave_code] += 1

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 
 import pytest
 from relay_client import Event, Join, State, connect, open_client
 
 from tests.helpers import next_of
-from tests.redisproc import command
+from tests.redisproc import RedisClusterProcs, command, ready, wait_until
 from tests.test_e2e_order import MOVES, one_gapless_order, watch_senders
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
@@ -52,3 +53,24 @@ async def test_one_order_across_two_relays_on_a_cluster(redis_cluster, redis_rel
                 await s.close()
     one_gapless_order(seen1, seen2)
     assert a.get_json("/rooms")["rooms"] == []  # everyone left: the room is gone from every shard
+
+
+async def test_a_player_who_leaves_while_the_cluster_is_unreachable_is_let_go(redis_relays, room):
+    cluster = RedisClusterProcs().start()  # its own: one of its masters is killed
+    try:
+        (a,) = redis_relays(cluster.url, 1)
+        client = await open_client(a.url, room, player="x", auto_resume=False)
+        cluster.masters[0].stop()  # the node the relay reconnects through
+        wait_until(lambda: not ready(a), 15, "readyz to report the outage")
+        await client.close()  # the room is left empty while the backplane is down
+        wait_until(lambda: open_connections(a) == 0, 10, "the relay to let the connection go")
+        a.log.seek(0)
+        assert b"Traceback" not in a.log.read()
+    finally:
+        cluster.cleanup()
+
+
+def open_connections(relay) -> float:
+    found = re.search(r"^relay_connections_open (\S+)$", relay.get_text("/metrics"), re.MULTILINE)
+    assert found is not None
+    return float(found.group(1))

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 log = logging.getLogger("relay.redis")
 
@@ -376,7 +376,13 @@ class RedisLink:
         await subscriber.subscribe(channel, self.timeout)
 
     async def unsubscribe(self, channel: bytes) -> None:
-        subscriber = self._subscribers.get(self._server_of(channel))
+        if self.client is None:
+            return  # not connected: a reconnect subscribes only to the rooms still needed
+        try:
+            server = self._server_of(channel)
+        except RedisClusterException:  # the slot's shard is not known right now (a failover)
+            return
+        subscriber = self._subscribers.get(server)
         if subscriber is not None and subscriber.connected:
             with contextlib.suppress(*FAILURES):
                 await subscriber.unsubscribe(channel)
