@@ -2,8 +2,8 @@
 
 A :class:`RedisServer` can be killed and started again on the same port (a Redis
 restart, which forgets everything: tests run it with no persistence). A
-:class:`RedisClusterProcs` is three masters made into a Redis Cluster with
-``redis-cli --cluster create``.
+:class:`RedisClusterProcs` is three masters (and optionally a replica each) made
+into a Redis Cluster with ``redis-cli --cluster create``.
 """
 
 from __future__ import annotations
@@ -87,33 +87,48 @@ class RedisServer:
 
 @dataclass
 class RedisClusterProcs:
-    """A 3-master Redis Cluster (no replicas)."""
+    """A 3-master Redis Cluster, with ``replicas`` replicas per master."""
 
-    masters: list[RedisServer] = field(default_factory=list)
+    replicas: int = 0
+    masters: list[RedisServer] = field(default_factory=list)  # as created (a failover may change roles)
+    others: list[RedisServer] = field(default_factory=list)  # the replicas, as created
 
     @property
     def url(self) -> str:
         return self.masters[0].url
 
+    @property
+    def servers(self) -> list[RedisServer]:
+        return self.masters + self.others
+
     def start(self) -> RedisClusterProcs:
         assert REDIS_CLI is not None, "redis-cli is not installed"
-        for _ in range(3):
+        for i in range(3 * (1 + self.replicas)):
             server = RedisServer()
             server.args = ["--cluster-enabled", "yes", "--cluster-config-file", str(server.dir / "nodes.conf"),
                            "--cluster-node-timeout", "2000", "--cluster-port", str(free_port())]
-            self.masters.append(server.start())
-        nodes = [f"127.0.0.1:{s.port}" for s in self.masters]
-        subprocess.run([REDIS_CLI, "--cluster", "create", *nodes, "--cluster-yes"],
-                       check=True, capture_output=True, timeout=timeout(60))
-        deadline = time.monotonic() + timeout(20)
+            (self.masters if i < 3 else self.others).append(server.start())
+        nodes = [f"127.0.0.1:{s.port}" for s in self.servers]  # redis-cli makes the first three masters
+        subprocess.run([REDIS_CLI, "--cluster", "create", *nodes, "--cluster-replicas", str(self.replicas),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=timeout(60))
+        self.wait_ok(20)
+        return self
+
+    def wait_ok(self, seconds: float) -> None:
+        """Until every running node says the cluster is up (every slot served)."""
+        deadline = time.monotonic() + timeout(seconds)
         while time.monotonic() < deadline:
-            if all(b"cluster_state:ok" in command(s.port, "CLUSTER", "INFO") for s in self.masters):
-                return self
+            alive = [s for s in self.servers if s.proc is not None]
+            replicas = [s for s in alive if b"role:slave" in command(s.port, "INFO", "replication")]
+            if all(b"cluster_state:ok" in command(s.port, "CLUSTER", "INFO") for s in alive) and all(
+                b"master_link_status:up" in command(s.port, "INFO", "replication") for s in replicas
+            ):  # a replica that has not synced yet would not take over from its master
+                return
             time.sleep(0.05)  # polling until every node agrees the cluster is up
-        raise RuntimeError("the Redis Cluster did not come up in time")
+        raise RuntimeError("the Redis Cluster is not up")
 
     def cleanup(self) -> None:
-        for server in self.masters:
+        for server in self.servers:
             server.cleanup()
 
 

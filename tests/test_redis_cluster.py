@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import re
 
 import pytest
+import redis
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 from relay_client import Event, Join, State, connect, open_client
 
+from relay.backplane.redis_link import cluster_moving
 from tests.helpers import next_of
 from tests.redisproc import RedisClusterProcs, command, ready, wait_until
+from tests.relayproc import timeout
 from tests.test_e2e_order import MOVES, one_gapless_order, watch_senders
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
@@ -74,3 +81,99 @@ def open_connections(relay) -> float:
     found = re.search(r"^relay_connections_open (\S+)$", relay.get_text("/metrics"), re.MULTILINE)
     assert found is not None
     return float(found.group(1))
+
+
+def move_slot(cluster, key: str) -> int:
+    """Move ``key``'s slot, keys and all, to another master, as ``redis-cli --cluster
+    reshard`` does; the port of its new master."""
+    source = shard_of(cluster, key)
+    target = next(m.port for m in cluster.masters if m.port != source)
+    src, dst = redis.Redis(port=source), redis.Redis(port=target)
+    try:
+        slot = src.cluster("KEYSLOT", key)
+        src_id, dst_id = src.cluster("MYID").decode(), dst.cluster("MYID").decode()
+        dst.cluster("SETSLOT", slot, "IMPORTING", src_id)
+        src.cluster("SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.cluster("GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for master in cluster.masters:
+            with redis.Redis(port=master.port) as r:
+                r.cluster("SETSLOT", slot, "NODE", dst_id)
+    finally:
+        src.close()
+        dst.close()
+    return target
+
+
+async def until_received(sender, receiver, seconds: float = 20) -> str:
+    """Send moves until one reaches ``receiver`` (some may be refused as unavailable meanwhile)."""
+    async with asyncio.timeout(timeout(seconds)):
+        for i in itertools.count():
+            sender.send_event(f"after-{i}")
+            try:
+                async with asyncio.timeout(0.5):
+                    while True:
+                        message = await receiver.recv()
+                        if isinstance(message, Event) and str(message.data).startswith("after-"):
+                            return str(message.data)
+            except TimeoutError:
+                continue
+    raise AssertionError("unreachable")
+
+
+async def test_a_room_whose_slot_moves_to_another_shard_plays_on(redis_relays, room):
+    cluster = RedisClusterProcs().start()  # its own: its slot map is changed
+    try:
+        a, b = redis_relays(cluster.url, 2)
+        async with connect(a.url, room, player="x") as x, connect(b.url, room, player="y") as y:
+            await next_of(x, Join)
+            x.send_event("before")
+            assert (await next_of(y, Event)).data == "before"
+            target = move_slot(cluster, f"{{relay:{room}}}:meta")
+            # Redis ends both nodes' subscriptions to the room: they follow it to its new shard.
+            await until_received(x, y)
+            y.send_event("back")
+            assert (await next_of(x, Event)).data == "back"
+            assert shard_of(cluster, f"{{relay:{room}}}:meta") == target
+    finally:
+        cluster.cleanup()
+
+
+def owner_of(cluster, key: str):
+    """The master serving ``key``'s slot, from the cluster's slot map."""
+    with redis.Redis(port=cluster.masters[0].port) as r:
+        slot = r.cluster("KEYSLOT", key)
+        for start, end, primary, *_ in r.cluster("SLOTS"):  # [start, end, [host, port, id], replicas...]
+            if start <= slot <= end:
+                return next(m for m in cluster.masters if m.port == primary[1])
+    raise AssertionError(f"no master serves {key}")
+
+
+async def test_a_relay_reconnects_through_another_node_when_the_one_in_its_url_dies(redis_relays, room):
+    cluster = RedisClusterProcs(replicas=1).start()
+    x = None
+    try:
+        named = owner_of(cluster, f"{{relay:{room}}}:meta")  # the relay's URL names the room's master
+        (a,) = redis_relays(named.url, 1)
+        x = await open_client(a.url, room, player="x")  # the node subscribes on the room's master
+        named.stop()  # that subscription breaks; a replica takes the master's slots over
+        cluster.wait_ok(20)
+        wait_until(lambda: ready(a), 30, "the relay back, through another node of the Cluster")
+        async with connect(a.url, room, player="y") as y, connect(a.url, room, player="z") as z:
+            y.send_event("hi")
+            assert (await next_of(z, Event)).data == "hi"
+    finally:
+        if x is not None:
+            with contextlib.suppress(Exception):
+                await x.close()
+        cluster.cleanup()
+
+
+async def test_a_command_refused_because_its_slot_is_moving_is_told_from_a_script_bug():
+    assert cluster_moving(MovedError("3999 127.0.0.1:6381"))
+    assert cluster_moving(AskError("3999 127.0.0.1:6381"))
+    assert cluster_moving(TryAgainError("Multiple keys request during rehashing of slot"))
+    assert cluster_moving(ClusterDownError("The cluster is down"))
+    assert cluster_moving(ResponseError("Script attempted to access a non local key in a cluster node script"))
+    assert not cluster_moving(ResponseError("ERR user_script:12: attempt to compare nil with number"))
+    assert not cluster_moving(ConnectionError("gone"))

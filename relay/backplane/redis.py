@@ -58,7 +58,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from relay import protocol
 from relay.backplane import redis_scripts as lua
 from relay.backplane.base import Joined, Receiver, RoomFull, Unavailable
-from relay.backplane.redis_link import FAILURES, RedisLink
+from relay.backplane.redis_link import FAILURES, RedisLink, cluster_moving
 from relay.backplane.redis_nodes import Nodes
 from relay.config import Settings
 from relay.metrics import BackplaneStats
@@ -69,6 +69,7 @@ log = logging.getLogger("relay.redis")
 
 MAX_OPS_PER_PIPELINE = 2000  # room operations in one round trip; more wait for the next
 MAX_BATCH_ENTRIES = 1000  # entries in one script call (and one published message)
+STABLE_S = 1.0  # a link that breaks sooner after connecting is reconnected with backoff
 
 
 @dataclass(eq=False, slots=True)
@@ -397,8 +398,11 @@ class RedisBackplane:
         if not again:
             return
         self._requeue(again)
+        moving = next((x for x in results if cluster_moving(x)), None)
         if any(isinstance(x, FAILURES) and not isinstance(x, ResponseError) for x in results):
             self._lost_link(ConnectionError("a Redis server did not answer"))
+        elif moving is not None:  # reconnect: a fresh cluster map, subscriptions where the slots are now
+            self._lost_link(ConnectionError(f"a Cluster slot is moving: {moving}"))
         else:  # NOSCRIPT: a restarted Redis forgot the scripts
             with contextlib.suppress(*FAILURES):
                 await self.link.load_scripts()
@@ -438,8 +442,8 @@ class RedisBackplane:
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""
-        if isinstance(result, NoScriptError):
-            return False
+        if isinstance(result, NoScriptError) or cluster_moving(result):
+            return False  # not run: again (after loading the scripts, or a reconnect)
         if isinstance(result, FAILURES) and not isinstance(result, ResponseError):
             if op.kind in ("join", "takeover"):  # in a Cluster, one shard can fail alone
                 self._join_lost(op, result)
@@ -610,9 +614,17 @@ class RedisBackplane:
 
     async def _supervise(self) -> None:
         delay = 0.05
+        connected_at: float | None = None  # when the link last came up, while it is up
         while not self._closed:
             await self._broken.wait()
             self._broken.clear()
+            if connected_at is not None:
+                if time.monotonic() - connected_at >= STABLE_S:
+                    delay = 0.05
+                else:  # broken right after connecting (a slot still moving, a failover not over):
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # not a tight loop
+                    delay = min(delay * 2, 5.0)
+                connected_at = None
             for r in self._rooms.values():
                 r.live = False
                 if r.subscribed and r.holding is None:
@@ -629,7 +641,7 @@ class RedisBackplane:
                 continue
             if self._broken.is_set():
                 continue  # it broke again while connecting
-            delay = 0.05
+            connected_at = time.monotonic()
             self._up = True
             self.stats.connects += 1
             log.info("redis backplane: connected (node %s, cluster: %s)", self.node_id, self.link.sharded)

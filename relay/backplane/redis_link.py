@@ -26,15 +26,30 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 log = logging.getLogger("relay.redis")
 
 # What a lost Redis connection or a Redis that does not answer looks like.
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# A Cluster's "not here" or "not now": a slot moving to another shard, a failover under way.
+_MOVING = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
+
+
+def cluster_moving(reply: Any) -> bool:
+    """A command refused because its slot is moving: it was not run; run it again once the
+    cluster map is fresh. (A script touching keys split by a migration gets "non local key".)"""
+    return isinstance(reply, _MOVING) or (isinstance(reply, ResponseError) and "non local key" in str(reply))
 
 
 class _SubscriptionStream(asyncio.Protocol):
@@ -93,6 +108,7 @@ class Subscriber:
         self.on_lost = on_lost
         self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._pongs: deque[asyncio.Future[None]] = deque()
+        self._leaving: set[bytes] = set()  # channels we unsubscribe from: their confirmations are expected
         self._reader: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None  # when read by _SubscriptionStream
         self.started: asyncio.Future[None] | None = None  # the connect; everyone waits for it
@@ -157,6 +173,7 @@ class Subscriber:
         await asyncio.wait_for(future, timeout)
 
     async def unsubscribe(self, channel: bytes) -> None:
+        self._leaving.add(channel)
         await self._send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
 
     async def ping(self, timeout: float) -> None:
@@ -205,6 +222,13 @@ class Subscriber:
                 future = waiting.popleft()
                 if not future.done():
                     future.set_result(None)
+        elif kind == b"sunsubscribe" or kind == b"unsubscribe":
+            if reply[1] in self._leaving:
+                self._leaving.discard(reply[1])
+            else:
+                # Redis ended it: the channel's slot moved to another shard (resharding, a
+                # failover). Messages published there from now on would never come here.
+                raise ConnectionError(f"Redis ended the subscription to {reply[1]!r}: its slot moved")
         elif kind == b"pong" and self._pongs:
             future = self._pongs.popleft()
             if not future.done():
@@ -310,6 +334,7 @@ class RedisLink:
         self._scripts: dict[str, str] = {}  # sha -> source
         self._commands: Commands | None = None  # the flusher's connection (one Redis server)
         self._subscribers: dict[str, Subscriber] = {}  # by server name
+        self._cluster_nodes: list[tuple[str, int]] = []  # every node of the Cluster, as last seen
 
     def _options(self) -> dict[str, Any]:
         # No retries inside redis-py: a retried pipeline could apply a batch twice
@@ -326,15 +351,20 @@ class RedisLink:
     async def connect(self) -> None:
         """Connect (again): find out whether this is a Cluster, check it answers, load scripts."""
         await self.close()
-        probe = aioredis.Redis.from_url(self.url, **self._options())
-        try:
-            info = await probe.info("cluster")
-        finally:
-            await probe.aclose()
-        self.sharded = bool(info.get("cluster_enabled"))
+        if not self._cluster_nodes:
+            probe = aioredis.Redis.from_url(self.url, **self._options())
+            try:
+                info = await probe.info("cluster")
+            finally:
+                await probe.aclose()
+            self.sharded = bool(info.get("cluster_enabled"))
         if self.sharded:
-            self.client = RedisCluster.from_url(self.url, **self._options())
+            # Through any node of the Cluster, not only the one named by the URL, which
+            # may be the one that died.
+            known = [ClusterNode(host, port) for host, port in self._cluster_nodes]
+            self.client = RedisCluster.from_url(self.url, startup_nodes=known or None, **self._options())
             await self.client.initialize()
+            self._cluster_nodes = [(node.host, node.port) for node in self.client.get_nodes()]
         else:
             self.client = aioredis.Redis.from_url(self.url, **self._options())
             await self.client.ping()
