@@ -57,6 +57,7 @@ class Seat:
     last_seq: int | None = None  # the highest seq accepted from this seat, across connections
     held: asyncio.TimerHandle | None = None  # set while the seat waits for its player to resume
     held_code: int = 0
+    hold_over: bool = False  # the hold ran out: its LEAVE is on the way, and a resume is a fresh join
     held_directs: list[bytes] | None = None  # made when a DIRECT arrives for a held seat
     held_directs_lost: int = 0  # DIRECTs for the held seat past max_held_directs: told with DROPPED
     # Taken over from another node, which keeps and passes on the DIRECTs published before
@@ -309,15 +310,19 @@ class Node:
         seat.unplug()
         seat.held_code = close_code
         loop = asyncio.get_running_loop()
-        seat.held = loop.call_later(
-            self.settings.resume_window_s, lambda: self._spawn(self.leave(seat, close_code))
-        )
+        seat.held = loop.call_later(self.settings.resume_window_s, self._hold_ran_out, seat, close_code)
+
+    def _hold_ran_out(self, seat: Seat, close_code: int) -> None:
+        # Over now, not when the LEAVE task gets to run: a resume in between would
+        # take the seat back, and that LEAVE would then take it from under it.
+        seat.hold_over = True
+        self._spawn(self.leave(seat, close_code))
 
     def holds(self, token: str | None, player: str, room_name: str) -> bool:
         """Whether ``token`` resumes a seat held here for ``player`` in that room."""
         seat = self.tokens.get(token) if token else None
         return (
-            seat is not None and seat.held is not None and not seat.left
+            seat is not None and seat.held is not None and not seat.left and not seat.hold_over
             and seat.player == player and seat.room.name == room_name
         )
 
@@ -348,7 +353,7 @@ class Node:
             if joined is not None:
                 self.stats.resumes["another_node"] += 1
             return seat if joined is not None else None
-        if old is None or old.left or old.player != player or old.room.name != room_name:
+        if old is None or old.left or old.hold_over or old.player != player or old.room.name != room_name:
             return None
         room = old.room
         self._publish_room(room)
@@ -357,7 +362,7 @@ class Node:
             # Read first, leaving the seat as it is meanwhile (held, or served by its old
             # connection): with Redis this is a round trip, and the seat may leave during it.
             missed = await self._missed(room.name, offset, epoch, old.actor)
-            if old.left or self.tokens.get(token) is not old:
+            if old.left or old.hold_over or self.tokens.get(token) is not old:
                 return None  # its hold ran out meanwhile: the caller joins afresh
         if old.held is not None:
             self._end_hold(old)

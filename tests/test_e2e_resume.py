@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import msgpack
 import pytest
 
 from relay_client import Direct, Dropped, Event, Join, Leave, Resumed, Resynced, State, connect, open_client
 from tests.helpers import collect, held_on, next_of, raw_connect, raw_messages
+from tests.relayproc import timeout
 
 pytestmark = pytest.mark.asyncio
 
@@ -221,3 +224,37 @@ async def test_directs_past_the_bound_for_a_held_seat_are_reported_as_dropped(re
     assert [m.data for m in got if isinstance(m, Direct)] == [2, 3, 4]
     assert [type(m) for m in got if isinstance(m, (Dropped, Direct))][0] is Dropped
     assert [m.count for m in got if isinstance(m, Dropped)] == [2]
+
+
+async def test_a_resume_as_the_hold_runs_out_either_keeps_the_seat_or_joins_afresh(relay_with):
+    # A resume that lands right as the window closes used to get its seat back, then lose
+    # it to the LEAVE already on its way: the others saw LEAVE, the player nothing more.
+    window = 0.5
+    server = relay_with(resume_window_s=window)
+
+    async def trial(i: int) -> bool:
+        room = f"edge-{i}-{time.monotonic_ns()}"
+        keeper = await raw_connect(server.url, room, "?player=keeper")
+        await raw_messages(keeper)
+        player = await raw_connect(server.url, room, "?player=p&echo=1")
+        _, _, actor, _, _, _, _, _, offset, epoch, token, _ = (await raw_messages(player))[0]
+        broke = time.monotonic()
+        player.transport.abort()
+        await asyncio.sleep(max(0.0, broke + window + (i % 9 - 4) * 0.005 - time.monotonic()))
+        again = await raw_connect(server.url, room, f"?player=p&echo=1&resume={token}&offset={offset}&epoch={epoch}")
+        welcome = (await raw_messages(again))[0]
+        await again.send(msgpack.packb([1, 1, "still here"]))
+        seen_by_keeper = []
+        async with asyncio.timeout(timeout(5)):
+            while not any(m[0] == 1 and m[1] == welcome[2] for m in seen_by_keeper):
+                seen_by_keeper += await raw_messages(keeper)
+        echoed = any(m[0] == 1 and m[1] == welcome[2] for m in await raw_messages(again))
+        await again.close()
+        await keeper.close()
+        left = [m[1] for m in seen_by_keeper if m[0] == 6]
+        if welcome[2] == actor:  # its seat back: it stays in the room
+            assert actor not in left and echoed, (i, left, echoed)
+        return welcome[2] == actor
+
+    kept = await asyncio.gather(*(trial(i) for i in range(45)))
+    assert 0 < sum(kept) < len(kept)  # the trials straddled the end of the window
