@@ -39,6 +39,9 @@ class Settings:
         "game rules per room type, TYPE=module:Class, comma-separated (or none)",
     )
     max_frame_bytes: int = _setting(16384, "largest frame a client may send; bigger: close 1009")
+    max_fragments: int = _setting(
+        64, "frames one fragmented message may come in (empty ones cost no bytes); more: close 1009"
+    )
     max_message_bytes: int = _setting(8192, "largest data of one move; bigger: ERROR too_large")
     max_depth: int = _setting(32, "deepest nesting of arrays and maps in a move's data")
     max_msgs_per_s: float = _setting(120.0, "messages per second per connection, sustained")
@@ -98,7 +101,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not (value >= 0 and value < float("inf")):
                 raise ValueError(f"{f.name} must be a finite number >= 0, not {value!r}")
-        for name in ("port", "workers", "max_frame_bytes", "max_message_bytes", "max_msgs_per_s",
+        for name in ("port", "workers", "max_frame_bytes", "max_fragments", "max_message_bytes", "max_msgs_per_s",
                      "burst", "max_bytes_per_s", "max_players_per_room", "max_connections",
                      "max_connections_per_ip", "max_rooms", "outbox_soft_bytes", "max_snapshot_bytes",
                      "outbox_hard_bytes", "max_out_frame_bytes", "max_depth", "max_held_directs"):

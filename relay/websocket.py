@@ -62,6 +62,7 @@ MAX_CLOSE_WAIT_S = 30.0
 OUTQ = getattr(termios, "TIOCOUTQ", None)  # ioctl: bytes in a TCP socket's send queue (Linux, macOS)
 REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
+MAX_FRAGMENTS = 64  # the max_fragments setting's default
 EXTENSION = "relay.websocket"
 log = logging.getLogger("relay")
 
@@ -75,6 +76,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout, self._max_close_wait = getattr(
             self.config, "relay_close_timeouts", (CLOSE_TIMEOUT_S, MAX_CLOSE_WAIT_S)
         )
+        self._max_fragments = getattr(self.config, "relay_max_fragments", MAX_FRAGMENTS)
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
         self._parser_idle = False  # websockets' parser known to wait between frames
@@ -89,6 +91,17 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         if size and sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    def handle_cont(self, event: Any) -> None:
+        # uvicorn keeps every fragment of a message until its last. Empty ones cost no
+        # bytes, so max_frame_bytes never stops a peer that sends them without end: its
+        # memory and the event loop's time would grow with it.
+        if len(self.frames) >= self._max_fragments:
+            if not self.close_sent:
+                self.conn.fail(1009, f"a message in more than {self._max_fragments} fragments")
+                self.handle_parser_exception()  # sends the close, tells the app, stops reading
+            return
+        super().handle_cont(event)
 
     def handle_ping(self) -> None:
         # websockets answers every ping with a pong. A peer that floods pings and

@@ -35,11 +35,12 @@ from relay_client import (
     Leave,
     RelayClosed,
     State,
+    connect,
     open_client,
 )
 from tests import abuse
 from tests.abuse import ATTACK_MARK, Outcome, RawSocket, Sockets, pack, ws_frame
-from tests.helpers import collect, raw_close_code, raw_connect, raw_messages
+from tests.helpers import collect, next_of, raw_close_code, raw_connect, raw_messages
 from tests.relayproc import RelayProcess, timeout
 
 pytestmark = pytest.mark.asyncio
@@ -735,3 +736,22 @@ async def test_websocket_ping_flood_from_a_non_reader_keeps_memory_bounded(relay
     finally:
         await held.close_all()
     assert grown < bound_mb, f"RSS grew {grown:.0f} MB; a non-reader sent {sent >> 20} MB of pings"
+
+
+async def test_a_message_in_endless_empty_fragments_is_cut_off(relay, room):
+    held = Sockets()
+    try:
+        async with connect(relay.url, room, player="watch") as watch:
+            honest = held.keep(await RawSocket.websocket(relay.port, room, "honest"))
+            # A message may come in fragments (a few here), then goes to the room as one.
+            fragments = [pack([1, 1, "in pieces"])[i : i + 3] for i in range(0, 15, 3)]
+            await honest.send(b"".join(ws_frame(2 if i == 0 else 0, f, fin=i == len(fragments) - 1)
+                                       for i, f in enumerate(fragments)))
+            assert (await next_of(watch, Event)).data == "in pieces"
+            # Empty continuation frames cost no bytes: without a limit on fragments they
+            # grew the server's memory, and held its event loop, for as long as they came.
+            flood = held.keep(await RawSocket.websocket(relay.port, room, "flood"))
+            await flood.send(ws_frame(2, pack([1, 1, "x"])[:2], fin=False) + ws_frame(0, fin=False) * 10_000)
+            assert await flood.close_code() == 1009
+    finally:
+        await held.close_all()
