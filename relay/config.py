@@ -79,6 +79,9 @@ class Settings:
     ping_interval_s: float = _setting(10.0, "WebSocket ping interval (dead-peer detection)")
     ping_timeout_s: float = _setting(10.0, "time to wait for a pong before the peer is dead")
     request_timeout_s: float = _setting(10.0, "time a new connection has to send its request headers")
+    max_request_head_bytes: int = _setting(
+        65536, "largest HTTP request line and headers a connection may send; more: 431 and close"
+    )
     close_timeout_s: float = _setting(
         5.0, "a closing peer that reads nothing this long (the close frame behind unread data) is cut off"
     )

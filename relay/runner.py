@@ -89,6 +89,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,
     )
     config.relay_request_timeout_s = settings.request_timeout_s  # read by RelayHttpProtocol
+    config.relay_max_request_head_bytes = settings.max_request_head_bytes  # and this one
     config.relay_close_timeouts = (settings.close_timeout_s, settings.max_close_wait_s)  # and RelayWebSocketProtocol
     config.relay_send_buffer_bytes = settings.send_buffer_bytes  # RelayWebSocketProtocol too
     config.relay_max_fragments = settings.max_fragments  # and here

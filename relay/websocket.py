@@ -61,6 +61,8 @@ CLOSE_TIMEOUT_S = 5.0  # the settings' defaults (close_timeout_s, max_close_wait
 MAX_CLOSE_WAIT_S = 30.0
 OUTQ = getattr(termios, "TIOCOUTQ", None)  # ioctl: bytes in a TCP socket's send queue (Linux, macOS)
 REQUEST_TIMEOUT_S = 10.0  # a connection that has not sent its request headers by then is cut
+MAX_REQUEST_HEAD_BYTES = 65536  # the max_request_head_bytes setting's default
+TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
 MAX_FRAGMENTS = 64  # the max_fragments setting's default
 EXTENSION = "relay.websocket"
@@ -261,14 +263,40 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 class RelayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline for the request headers (slowloris)."""
+    """uvicorn's HTTP protocol with a deadline and a size limit for the request headers.
+
+    httptools buffers a header, and uvicorn the URL, whole, with no bound, copying
+    what it has at every read: a stranger's 128 MiB header took 250 MB and held the
+    event loop for seconds before anything answered it.
+    """
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
         self._headers_deadline = self.loop.call_later(timeout, self._no_request)
+        self._max_head = getattr(self.config, "relay_max_request_head_bytes", MAX_REQUEST_HEAD_BYTES)
+        self._head_bytes = 0  # of the request whose headers are coming in; -1: none is
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes >= 0:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head:
+                if self._head_bytes - len(data) <= self._max_head:  # the first time over
+                    # Answer, and half-close; what else comes is dropped unread until the
+                    # headers' deadline aborts the connection. (Closing with data unread
+                    # would reset the connection, and the answer could be lost.)
+                    self.transport.write(TOO_LARGE)
+                    if self.transport.can_write_eof():
+                        self.transport.write_eof()
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0  # a next request on a kept-alive connection
+        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = -1
         self._headers_deadline.cancel()
         super().on_headers_complete()
 

@@ -755,3 +755,20 @@ async def test_a_message_in_endless_empty_fragments_is_cut_off(relay, room):
             assert await flood.close_code() == 1009
     finally:
         await held.close_all()
+
+
+async def test_an_endless_request_header_is_answered_431_without_being_buffered(relay, room):
+    head, _, rest = abuse.handshake(relay.port, f"/ws/{room}").partition(b"\r\n")
+    held = Sockets()
+    try:
+        raw = held.keep(await RawSocket.connect(relay.port, head + b"\r\nX-Big: "))
+        before = rss_mb(relay)
+        sent = 0
+        async with asyncio.timeout(timeout(10)):
+            while sent < 32 << 20 and await raw.send(b"x" * (1 << 20)):  # never finished
+                sent += 1 << 20
+            answer = await raw.reader.read(200)
+        assert answer.startswith(b"HTTP/1.1 431"), answer
+        assert rss_mb(relay) - before < 8  # the 32 MiB that followed were dropped, not kept
+    finally:
+        await held.close_all()
