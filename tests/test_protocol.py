@@ -822,3 +822,14 @@ def test_first_event_shortcut_answers_as_the_general_decoder(frame: bytes, limit
 def test_first_event_shortcut_reads_every_integer_width_of_seq() -> None:
     for seq in (0, 127, -1, -32, -33, 255, 256, 65535, 65536, 2**32, 2**64 - 1, -(2**63)):
         assert decode(packb([1, seq, "x"])) == [Event(seq, packb("x"))]
+
+
+def test_a_frame_of_refused_messages_is_read_only_so_far():
+    # 16 K one-byte messages: each refused, and the connection closes after max_errors
+    # anyway. Reading them all was 16 K ERRORs' worth of work for nothing.
+    out = protocol.decode_frame(b"\x01" * 16384, max_message_bytes=8192)
+    assert len(out) == protocol.MAX_REFUSED + 2
+    assert all(type(m) is protocol.Invalid for m in out)
+    assert out[-1].message.startswith("too many refused messages")
+    good = protocol.decode_frame(b"\x01" * 3 + b"\x93\x01\x07\xa2hi", max_message_bytes=8192)
+    assert good[-1] == protocol.Event(7, b"\xa2hi")  # a few bad ones do not hide the good
