@@ -145,7 +145,7 @@ def owner_of(cluster, key: str):
         slot = r.cluster("KEYSLOT", key)
         for start, end, primary, *_ in r.cluster("SLOTS"):  # [start, end, [host, port, id], replicas...]
             if start <= slot <= end:
-                return next(m for m in cluster.masters if m.port == primary[1])
+                return next(m for m in cluster.servers if m.port == primary[1])
     raise AssertionError(f"no master serves {key}")
 
 
@@ -166,6 +166,27 @@ async def test_a_relay_reconnects_through_another_node_when_the_one_in_its_url_d
         if x is not None:
             with contextlib.suppress(Exception):
                 await x.close()
+        cluster.cleanup()
+
+
+async def test_a_room_plays_on_through_a_manual_failover_of_its_shard(redis_relays, room):
+    cluster = RedisClusterProcs(replicas=1).start()
+    try:
+        master = owner_of(cluster, f"{{relay:{room}}}:meta")
+        replica = next(s for s in cluster.others if redis.Redis(port=s.port).info("replication")["master_port"] == master.port)
+        a, b = redis_relays(cluster.url, 2)
+        async with connect(a.url, room, player="x") as x, connect(b.url, room, player="y") as y:
+            await next_of(x, Join)
+            x.send_event("before")
+            assert (await next_of(y, Event)).data == "before"
+            with redis.Redis(port=replica.port) as r:
+                r.execute_command("CLUSTER", "FAILOVER")  # maintenance: the old master steps down
+            # Redis ends the subscriptions on the old master: the nodes follow the slots.
+            await until_received(x, y)
+            y.send_event("back")
+            assert (await next_of(x, Event)).data == "back"
+            assert redis.Redis(port=replica.port).role()[0] == b"master"  # it did fail over
+    finally:
         cluster.cleanup()
 
 
