@@ -93,6 +93,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     config.relay_close_timeouts = (settings.close_timeout_s, settings.max_close_wait_s)  # and RelayWebSocketProtocol
     config.relay_send_buffer_bytes = settings.send_buffer_bytes  # RelayWebSocketProtocol too
     config.relay_max_fragments = settings.max_fragments  # and here
+    config.relay_ping_limits = (settings.max_msgs_per_s, float(settings.burst))  # and here
     return config
 
 

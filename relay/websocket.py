@@ -65,6 +65,7 @@ MAX_REQUEST_HEAD_BYTES = 65536  # the max_request_head_bytes setting's default
 TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 PING_FLOOD_BYTES = 1 << 20  # pongs a peer lets pile up unread before it is cut off
 MAX_FRAGMENTS = 64  # the max_fragments setting's default
+PING_LIMITS = (120.0, 240.0)  # WebSocket pings per second and at once: max_msgs_per_s and burst's defaults
 EXTENSION = "relay.websocket"
 log = logging.getLogger("relay")
 
@@ -79,6 +80,9 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.config, "relay_close_timeouts", (CLOSE_TIMEOUT_S, MAX_CLOSE_WAIT_S)
         )
         self._max_fragments = getattr(self.config, "relay_max_fragments", MAX_FRAGMENTS)
+        self._ping_limits: tuple[float, float] = getattr(self.config, "relay_ping_limits", PING_LIMITS)
+        self._ping_tokens = self._ping_limits[1]
+        self._pinged_at = 0.0
         self.on_binary: Callable[[bytes], None] | None = None
         self._split_here = False  # binary frames are split by split_binary_frames (attach)
         self._parser_idle = False  # websockets' parser known to wait between frames
@@ -99,9 +103,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         # bytes, so max_frame_bytes never stops a peer that sends them without end: its
         # memory and the event loop's time would grow with it.
         if len(self.frames) >= self._max_fragments:
-            if not self.close_sent:
-                self.conn.fail(1009, f"a message in more than {self._max_fragments} fragments")
-                self.handle_parser_exception()  # sends the close, tells the app, stops reading
+            self._fail(1009, f"a message in more than {self._max_fragments} fragments")
             return
         super().handle_cont(event)
 
@@ -111,7 +113,24 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.transport.get_write_buffer_size() > PING_FLOOD_BYTES:
             self.transport.abort()
             return
+        # One that reads them would hold the event loop for as long as it sends: its
+        # pings count against the message rate (max_msgs_per_s, burst), as moves do.
+        now = self.loop.time()
+        rate, burst = self._ping_limits
+        tokens = min(burst, self._ping_tokens + (now - self._pinged_at) * rate)
+        self._pinged_at = now
+        if tokens < 1.0:
+            self._fail(4029, "more WebSocket pings than max_msgs_per_s")
+            return
+        self._ping_tokens = tokens - 1.0
         super().handle_ping()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close now, for a flood: the close frame goes out, the app hears of it, reading stops."""
+        if self.close_sent or self.conn.state is not State.OPEN:
+            return
+        self.conn.fail(code, reason)
+        self.handle_parser_exception()
 
     def data_received(self, data: bytes) -> None:
         if self._split_here:

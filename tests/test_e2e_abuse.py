@@ -772,3 +772,27 @@ async def test_an_endless_request_header_is_answered_431_without_being_buffered(
         assert rss_mb(relay) - before < 8  # the 32 MiB that followed were dropped, not kept
     finally:
         await held.close_all()
+
+
+async def test_a_flood_of_websocket_pings_from_a_reader_is_cut_off_with_4029(relay, room):
+    held = Sockets()
+    try:
+        calm = held.keep(await RawSocket.websocket(relay.port, room, "calm"))
+        await calm.send(ws_frame(9, b"hello"))
+        frames = []
+        async with asyncio.timeout(timeout(5)):
+            while not frames or frames[-1][0] != 10:
+                frames.append(await calm.read_frame())  # WELCOME, then the pong
+        assert frames[-1] == (10, b"hello")
+        # Pings are answered by the server's event loop like moves: past the message
+        # rate they end the connection, as moves past it repeatedly do.
+        flood = held.keep(await RawSocket.websocket(relay.port, room, "flood"))
+        await flood.send(ws_frame(9, b"p") * 1000)
+        assert await flood.close_code() == 4029
+        await calm.send(ws_frame(9, b"still"))
+        async with asyncio.timeout(timeout(5)):
+            while (frame := await calm.read_frame())[0] != 10:
+                pass
+        assert frame == (10, b"still")
+    finally:
+        await held.close_all()
