@@ -107,7 +107,8 @@ class Settings:
         for name in ("port", "workers", "max_frame_bytes", "max_fragments", "max_message_bytes", "max_msgs_per_s",
                      "burst", "max_bytes_per_s", "max_players_per_room", "max_connections",
                      "max_connections_per_ip", "max_rooms", "outbox_soft_bytes", "max_snapshot_bytes",
-                     "outbox_hard_bytes", "max_out_frame_bytes", "max_depth", "max_held_directs"):
+                     "outbox_hard_bytes", "max_out_frame_bytes", "max_depth", "max_held_directs",
+                     "max_request_head_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0")
         if self.redis_timeout_s <= 0 or self.node_ttl_s <= 0:

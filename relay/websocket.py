@@ -294,30 +294,43 @@ class RelayHttpProtocol(HttpToolsProtocol):
         timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
         self._headers_deadline = self.loop.call_later(timeout, self._no_request)
         self._max_head = getattr(self.config, "relay_max_request_head_bytes", MAX_REQUEST_HEAD_BYTES)
-        self._head_bytes = 0  # of the request whose headers are coming in; -1: none is
+        # Bytes read while a request's head is incomplete (-1: between a head and the end of
+        # its request). Whole reads count, so a read that also holds a pipelined request
+        # counts with it: the limit is meant for heads thousands of times too big.
+        self._head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes >= 0:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 if self._head_bytes - len(data) <= self._max_head:  # the first time over
-                    # Answer, and half-close; what else comes is dropped unread until the
-                    # headers' deadline aborts the connection. (Closing with data unread
-                    # would reset the connection, and the answer could be lost.)
+                    # Answer, and half-close; what else comes is dropped unread until a
+                    # deadline aborts the connection. (Closing with data unread would reset
+                    # the connection, and the answer could be lost.)
                     self.transport.write(TOO_LARGE)
                     if self.transport.can_write_eof():
                         self.transport.write_eof()
+                    self._start_deadline()
                 return
         super().data_received(data)
 
     def on_message_begin(self) -> None:
-        self._head_bytes = 0  # a next request on a kept-alive connection
+        self._start_deadline()  # a next request on a kept-alive connection has its own
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
         self._headers_deadline.cancel()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what comes next is the next request's head
+        super().on_message_complete()
+
+    def _start_deadline(self) -> None:
+        if self._headers_deadline is None or self._headers_deadline.cancelled():
+            timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
+            self._headers_deadline = self.loop.call_later(timeout, self._no_request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._headers_deadline is not None:

@@ -796,3 +796,21 @@ async def test_a_flood_of_websocket_pings_from_a_reader_is_cut_off_with_4029(rel
         assert frame == (10, b"still")
     finally:
         await held.close_all()
+
+
+async def test_a_request_head_too_big_is_refused_on_a_kept_alive_connection_too(relay_with):
+    server = relay_with(max_request_head_bytes=2000, request_timeout_s=1)
+    held = Sockets()
+    try:
+        first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        raw = held.keep(await RawSocket.connect(server.port, first))
+        async with asyncio.timeout(timeout(5)):
+            head = await raw.reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await raw.reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            # The next request on it: its head, 3.4 KB in one write, is over the limit.
+            await raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3400 + b"\r\n\r\n")
+            assert (await raw.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 431")
+            assert await raw.reader.read() == b""  # and, quiet or not, the connection is then ended
+    finally:
+        await held.close_all()

@@ -143,3 +143,42 @@ def test_turns_made_mid_game_learn_the_turn_from_another_nodes_event():
 
 def test_accept_is_the_default():
     assert BaseRules("x:y").validate(RoomView(room_with("x:y", 1)), 1, Move("event", 1)) is ACCEPT
+
+
+def test_turns_on_two_nodes_agree_again_after_each_event_in_the_room_order():
+    # Node A serves actors 1 and 2 from the start; node B makes its rules when actor 3
+    # joins mid-game (it is 2's turn), and so lets 3 play. A must follow the room order.
+    state_a = room_with("turns:x", 1, 2)
+    a, _ = guarded(TurnRules, state_a)
+    first = event_entry(1, 1, pack("a"))
+    assert a.validate(1, 1, "event", pack("a")) == pack("a")
+    state_a.sequence([first])
+    a.tell(first, local=True)
+    joined = join_entry(Member(3, "p3", {}))
+    state_a.sequence([joined])
+    a.tell(joined, local=False)
+    state_b = RoomState("turns:x")
+    state_b.sequence([join_entry(Member(1, "p1", {})), join_entry(Member(2, "p2", {}))])
+    state_b.sequence([event_entry(1, 1, pack("a")), join_entry(Member(3, "p3", {}))])
+    b, _ = guarded(TurnRules, state_b)
+    assert b.validate(3, 1, "event", pack("c")) == pack("c")  # B cannot know: 3 plays
+    out_of_turn = event_entry(3, 1, pack("c"))
+    state_a.sequence([out_of_turn])
+    a.tell(out_of_turn, local=False)  # in the room order: A passes the turn on from 3, to 1
+    for rules, refused in ((a, 2), (b, 3)):  # both: it is actor 1's turn
+        assert type(rules.validate(refused, 9, "event", pack("no"))) is Invalid
+    assert a.validate(1, 2, "event", pack("ok")) == pack("ok")
+
+
+def test_a_reason_that_cannot_be_sent_or_a_relay_code_as_a_string():
+    class Odd(BaseRules):
+        def validate(self, view, actor, move):
+            from relay.rules.base import Reject
+
+            return Reject("bad \udc80 text") if move.data == "surrogate" else Reject("later", "unavailable")
+
+    rules, counts = guarded(Odd, room_with("o:x", 1))
+    verdict = rules.validate(1, 1, "event", pack("surrogate"))
+    assert type(verdict) is Invalid and verdict.code is ErrorCode.INTERNAL and counts == {"validate": 1}
+    verdict = rules.validate(1, 2, "event", pack("other"))
+    assert type(verdict) is Invalid and verdict.code is ErrorCode.UNAVAILABLE  # the relay's own, as such

@@ -442,6 +442,11 @@ class RedisBackplane:
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""
+        if cluster_moving(result) and op.kind in ("join", "takeover"):
+            # Not run; the player waiting for it is told now (1013), not after the reconnect.
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(Unavailable(f"the Redis Cluster is moving a slot: {result}"))
+            return True
         if isinstance(result, NoScriptError) or cluster_moving(result):
             return False  # not run: again (after loading the scripts, or a reconnect)
         if isinstance(result, FAILURES) and not isinstance(result, ResponseError):
@@ -615,16 +620,18 @@ class RedisBackplane:
     async def _supervise(self) -> None:
         delay = 0.05
         connected_at: float | None = None  # when the link last came up, while it is up
+        backoff = False  # it broke while connecting, or right after (a slot still moving...)
         while not self._closed:
             await self._broken.wait()
-            self._broken.clear()
             if connected_at is not None:
-                if time.monotonic() - connected_at >= STABLE_S:
-                    delay = 0.05
-                else:  # broken right after connecting (a slot still moving, a failover not over):
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # not a tight loop
-                    delay = min(delay * 2, 5.0)
+                backoff = time.monotonic() - connected_at < STABLE_S
                 connected_at = None
+                if not backoff:
+                    delay = 0.05  # it was up a good while: come back at once
+            if backoff:  # not a tight loop
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+            self._broken.clear()  # after the wait: what the old link's tasks reported meanwhile is old news
             for r in self._rooms.values():
                 r.live = False
                 if r.subscribed and r.holding is None:
@@ -636,10 +643,10 @@ class RedisBackplane:
             except Exception as exc:  # noqa: BLE001  # whatever it was, try again later
                 log.info("redis backplane: reconnect failed (%s); next try in %.2fs", exc, delay)
                 self._broken.set()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                backoff = True
                 continue
             if self._broken.is_set():
+                backoff = True
                 continue  # it broke again while connecting
             connected_at = time.monotonic()
             self._up = True

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -108,7 +108,7 @@ class Subscriber:
         self.on_lost = on_lost
         self._confirm: defaultdict[bytes, deque[asyncio.Future[None]]] = defaultdict(deque)
         self._pongs: deque[asyncio.Future[None]] = deque()
-        self._leaving: set[bytes] = set()  # channels we unsubscribe from: their confirmations are expected
+        self._leaving: Counter[bytes] = Counter()  # channels we unsubscribe from: confirmations expected
         self._reader: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None  # when read by _SubscriptionStream
         self.started: asyncio.Future[None] | None = None  # the connect; everyone waits for it
@@ -173,7 +173,7 @@ class Subscriber:
         await asyncio.wait_for(future, timeout)
 
     async def unsubscribe(self, channel: bytes) -> None:
-        self._leaving.add(channel)
+        self._leaving[channel] += 1
         await self._send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
 
     async def ping(self, timeout: float) -> None:
@@ -223,8 +223,10 @@ class Subscriber:
                 if not future.done():
                     future.set_result(None)
         elif kind == b"sunsubscribe" or kind == b"unsubscribe":
-            if reply[1] in self._leaving:
-                self._leaving.discard(reply[1])
+            if self._leaving[reply[1]] > 0:
+                self._leaving[reply[1]] -= 1
+                if not self._leaving[reply[1]]:
+                    del self._leaving[reply[1]]
             else:
                 # Redis ended it: the channel's slot moved to another shard (resharding, a
                 # failover). Messages published there from now on would never come here.

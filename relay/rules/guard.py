@@ -40,6 +40,7 @@ from relay.rules.base import ACCEPT, Move, Reject, Replace, RoomView, Rules
 
 log = logging.getLogger("relay.rules")
 GAME_CODE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # an ERROR code of the game's own
+RELAY_CODES = frozenset(code.value for code in ErrorCode)
 MAX_REASON = 200  # characters of a Reject's reason sent to the player
 LOG_EVERY_S = 60.0
 FAILED = "the room's game rules failed on this move (see the server's log); it was not relayed"
@@ -85,7 +86,7 @@ class GuardedRules:
         self.rules: Rules | None
         try:
             self.rules = cls(state.room)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the game's code: anything may come out of it
             self.rules = None
             failures.report(self.room, "start", f"{cls.__name__}({state.room!r}) raised {exc!r}; every move is refused", exc)
             return
@@ -105,16 +106,18 @@ class GuardedRules:
             return Invalid(seq, ErrorCode.INTERNAL, NOT_STARTED)
         try:
             verdict = rules.validate(self.view, actor, Move(kind, _decode(data), key, to_actor))  # type: ignore[arg-type]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the game's code: anything may come out of it
             return self._failed(seq, f"validate raised {exc!r}", exc)
         if verdict is ACCEPT:
             return data
         if isinstance(verdict, Reject):
             code, reason = verdict.code, verdict.reason
+            if type(code) is str and code in RELAY_CODES:
+                code = ErrorCode(code)  # one of the relay's own, named as a string
             if not isinstance(code, ErrorCode) and not (type(code) is str and GAME_CODE.fullmatch(code)):
                 return self._failed(seq, f"Reject code {code!r} is neither an ErrorCode nor 1-32 of a-z 0-9 _")
-            if type(reason) is not str:
-                return self._failed(seq, f"Reject reason {reason!r} is not a str")
+            if type(reason) is not str or not _encodable(reason[:MAX_REASON]):
+                return self._failed(seq, f"Reject reason {reason!r} is not a str of valid Unicode")
             return Invalid(seq, code, reason[:MAX_REASON])
         if isinstance(verdict, Replace):
             return self._replacement(seq, verdict.data)
@@ -138,7 +141,7 @@ class GuardedRules:
             return
         try:
             getattr(rules, hook)(self.view, actor, *args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the game's code: anything may come out of it
             self.failures.report(self.room, hook, f"{hook} for actor {actor} raised {exc!r}; skipped", exc)
 
     def _replacement(self, seq: int, data: Any) -> bytes | Invalid:
@@ -157,6 +160,14 @@ class GuardedRules:
     def _failed(self, seq: int, what: str, exc: BaseException | None = None) -> Invalid:
         self.failures.report(self.room, "validate", what, exc)
         return Invalid(seq, ErrorCode.INTERNAL, FAILED)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: msgpack could not send it
+        return False
+    return True
 
 
 def _decode(raw: bytes) -> Any:

@@ -12,6 +12,8 @@ With Redis, a node may make its rules for a room already under way (its first
 player there joins mid-game). It cannot know whose turn it is, since only EVENTs
 pass the turn and they are not in the snapshot. Until it sees the next EVENT, it
 accepts an EVENT from any of its players, then knows the turn from that one.
+Every node passes the turn on from the sender of each EVENT in the room order,
+whoever it thought it was, so the nodes agree again after each EVENT.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class TurnRules(BaseRules):
         return ACCEPT
 
     def observe(self, view: RoomView, actor: int, move: Move) -> None:
-        if move.kind == "event" and (actor == self.turn or not self.known):
+        # The room order is the truth: an EVENT in it passes the turn on from its sender,
+        # even one this node would have refused (two nodes that raced, or one that did
+        # not know the turn yet), so that every node agrees again from here.
+        if move.kind == "event":
             self._played(actor)
 
     def on_join(self, view: RoomView, actor: int) -> None:
