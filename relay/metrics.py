@@ -139,7 +139,10 @@ class RelayCollector:
         )
         yield _by_label("relay_resumes", "seats resumed, by the node that held them", "held_by", s.resumes)
         yield _by_label(
-            "relay_rules_failures", "game rules that raised or returned a bad verdict, by hook", "hook", s.rules_failures
+            "relay_rules_failures",
+            "game rules that raised, returned a bad verdict, or took over 5 ms in validate (slow_validate), by hook",
+            "hook",
+            s.rules_failures,
         )
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_{name}", name.replace("_", " "), value=value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import msgpack
@@ -182,3 +183,16 @@ def test_a_reason_that_cannot_be_sent_or_a_relay_code_as_a_string():
     assert type(verdict) is Invalid and verdict.code is ErrorCode.INTERNAL and counts == {"validate": 1}
     verdict = rules.validate(1, 2, "event", pack("other"))
     assert type(verdict) is Invalid and verdict.code is ErrorCode.UNAVAILABLE  # the relay's own, as such
+
+
+def test_a_slow_validate_is_counted_and_its_move_relayed():
+    class Slow(BaseRules):
+        def validate(self, view, actor, move):
+            deadline = time.perf_counter() + 0.01  # a rule that computes too much
+            while time.perf_counter() < deadline:
+                pass
+            return ACCEPT
+
+    rules, counts = guarded(Slow, room_with("s:x", 1))
+    assert rules.validate(1, 1, "event", pack("m")) == pack("m")
+    assert counts == {"slow_validate": 1}

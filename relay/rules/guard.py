@@ -20,7 +20,9 @@ node would lose its link. So every call goes through :class:`GuardedRules`:
   (ERROR ``internal``), so that a room is never played without its rules.
 
 Each failure is counted (``relay_rules_failures_total{hook}``) and logged with its
-traceback, at most once a minute per room type and hook.
+traceback, at most once a minute per room type and hook; so is a ``validate`` that
+took longer than ``SLOW_VALIDATE_S`` (hook ``slow_validate``: the move is relayed,
+but the whole process waited for it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ GAME_CODE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # an ERROR code of the game's o
 RELAY_CODES = frozenset(code.value for code in ErrorCode)
 MAX_REASON = 200  # characters of a Reject's reason sent to the player
 LOG_EVERY_S = 60.0
+SLOW_VALIDATE_S = 0.005  # a validate this slow holds up every room of the process
 FAILED = "the room's game rules failed on this move (see the server's log); it was not relayed"
 NOT_STARTED = "the room's game rules could not start (see the server's log); moves are refused"
 _EVENT_HEAD = b"\x93\x01\x00"  # [1, 0, ...]: an EVENT with seq 0, to check data as a client's
@@ -104,10 +107,14 @@ class GuardedRules:
         rules = self.rules
         if rules is None:
             return Invalid(seq, ErrorCode.INTERNAL, NOT_STARTED)
+        started = time.perf_counter()
         try:
             verdict = rules.validate(self.view, actor, Move(kind, _decode(data), key, to_actor))  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the game's code: anything may come out of it
             return self._failed(seq, f"validate raised {exc!r}", exc)
+        spent = time.perf_counter() - started
+        if spent > SLOW_VALIDATE_S:  # the whole process waited for it
+            self.failures.report(self.room, "slow_validate", f"validate took {spent * 1000:.1f} ms")
         if verdict is ACCEPT:
             return data
         if isinstance(verdict, Reject):
