@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import itertools
 import re
+import time
 
 import pytest
 import redis
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
-from relay_client import Event, Join, State, connect, open_client
+from relay_client import Error, Event, Join, State, connect, open_client
 
 from relay.backplane.redis_link import cluster_moving
 from tests.helpers import next_of
@@ -83,9 +84,9 @@ def open_connections(relay) -> float:
     return float(found.group(1))
 
 
-def move_slot(cluster, key: str) -> int:
+def move_slot(cluster, key: str, pause_s: float = 0.0) -> int:
     """Move ``key``'s slot, keys and all, to another master, as ``redis-cli --cluster
-    reshard`` does; the port of its new master."""
+    reshard`` does (``pause_s`` between keys: a slow one); the port of its new master."""
     source = shard_of(cluster, key)
     target = next(m.port for m in cluster.masters if m.port != source)
     src, dst = redis.Redis(port=source), redis.Redis(port=target)
@@ -94,8 +95,9 @@ def move_slot(cluster, key: str) -> int:
         src_id, dst_id = src.cluster("MYID").decode(), dst.cluster("MYID").decode()
         dst.cluster("SETSLOT", slot, "IMPORTING", src_id)
         src.cluster("SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := src.cluster("GETKEYSINSLOT", slot, 100):
+        while keys := src.cluster("GETKEYSINSLOT", slot, 1 if pause_s else 100):
             src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            time.sleep(pause_s)  # a slow reshard, key by key
         for master in cluster.masters:
             with redis.Redis(port=master.port) as r:
                 r.cluster("SETSLOT", slot, "NODE", dst_id)
@@ -147,6 +149,41 @@ def owner_of(cluster, key: str):
             if start <= slot <= end:
                 return next(m for m in cluster.servers if m.port == primary[1])
     raise AssertionError(f"no master serves {key}")
+
+
+async def test_a_slow_reshard_of_a_played_room_loses_nothing_and_leaves_no_ghost(redis_relays, room):
+    # Moved key by key, the room's keys are split between two masters for a while: a
+    # script run then must fail before it writes anything, and run again afterwards.
+    cluster = RedisClusterProcs().start()
+    try:
+        a, b = redis_relays(cluster.url, 2)
+        async with connect(a.url, room, player="x", echo=True) as x, connect(b.url, room, player="y") as y:
+            await next_of(x, Join)
+            x.send_state("hp", 0)
+            assert (await next_of(y, State)).data == 0
+            assert (await next_of(x, State)).data == 0  # its echo
+            mover = asyncio.create_task(asyncio.to_thread(move_slot, cluster, f"{{relay:{room}}}:meta", 0.3))
+            sent, answered = [], {}
+            while not mover.done():
+                seq = x.send_state("hp", len(sent) + 1)  # a STATE: its snapshot key is written too
+                sent.append(seq)
+                await asyncio.sleep(0.05)
+            await mover
+            await until_received(x, y)  # the room plays on, on its new master
+            async with asyncio.timeout(timeout(10)):
+                while len(answered) < len(sent):
+                    m = await x.recv()
+                    if isinstance(m, State) and m.actor == x.actor:
+                        answered.setdefault(m.data, "echoed")
+                    elif isinstance(m, Error) and m.ref_seq in sent:
+                        answered.setdefault(sent.index(m.ref_seq) + 1, m.code)
+            assert set(answered) == set(range(1, len(sent) + 1))  # each: relayed, or refused with ERROR
+            async with connect(b.url, room, player="late") as late:
+                assert sorted(m.player for m in late.members.values()) == ["late", "x", "y"]
+                echoed = max(v for v, how in answered.items() if how == "echoed")
+                assert late.snapshot[x.actor]["hp"] == echoed  # no value the members never got
+    finally:
+        cluster.cleanup()
 
 
 async def test_a_relay_reconnects_through_another_node_when_the_one_in_its_url_dies(redis_relays, room):

@@ -69,6 +69,7 @@ local out = {}
 local undo = {}  -- per entry, what it replaced (kept in the history only; see publish)
 
 local function snap_key(actor) return tag .. ':s:' .. actor end
+%(migrating)s
 
 local function open_room()
   local meta = redis.call('HMGET', K_META, 'e', 'o')
@@ -376,7 +377,16 @@ return {EPOCH, OFFSET, members, snapshot, batches, undos}
 
 def source(body: str, *, sharded: bool) -> str:
     """A script's full text: the shared prelude, then its body."""
-    return _PRELUDE % {"publish": "SPUBLISH" if sharded else "PUBLISH"} + body
+    return _PRELUDE % {"publish": "SPUBLISH" if sharded else "PUBLISH", "migrating": _MIGRATING if sharded else ""} + body
+
+
+# In a Cluster slot being migrated, a node serves only the keys it still holds: a
+# script that meets one already moved fails half way, and Redis keeps what it wrote
+# until then (a batch marked as applied but not published, a member half removed).
+# A key that never exists is "already moved" too, so asking for one first makes such
+# a script fail before it writes anything; the backplane runs it again once the slot
+# has settled (cluster_moving). Elsewhere the call costs one lookup.
+_MIGRATING = "redis.call('EXISTS', tag .. ':never')  -- fails at once in a slot being migrated"
 
 
 # --- the Python side of the published message ------------------------------------
