@@ -141,6 +141,16 @@ async def test_a_room_whose_slot_moves_to_another_shard_plays_on(redis_relays, r
         cluster.cleanup()
 
 
+def relay_connections(cluster, relay) -> int:
+    """The relay's connections to the running Redis servers (it names them relay:PORT)."""
+    total = 0
+    for server in cluster.servers:
+        if server.proc is not None:
+            with redis.Redis(port=server.port) as r:
+                total += sum(1 for c in r.client_list() if c.get("name") == f"relay:{relay.port}")
+    return total
+
+
 def owner_of(cluster, key: str):
     """The master serving ``key``'s slot, from the cluster's slot map."""
     with redis.Redis(port=cluster.masters[0].port) as r:
@@ -193,12 +203,15 @@ async def test_a_relay_reconnects_through_another_node_when_the_one_in_its_url_d
         named = owner_of(cluster, f"{{relay:{room}}}:meta")  # the relay's URL names the room's master
         (a,) = redis_relays(named.url, 1)
         x = await open_client(a.url, room, player="x")  # the node subscribes on the room's master
+        before = relay_connections(cluster, a)
         named.stop()  # that subscription breaks; a replica takes the master's slots over
         cluster.wait_ok(20)
         wait_until(lambda: ready(a), 30, "the relay back, through another node of the Cluster")
         async with connect(a.url, room, player="y") as y, connect(a.url, room, player="z") as z:
             y.send_event("hi")
             assert (await next_of(z, Event)).data == "hi"
+        # The failed reconnects' clients were closed (they used to leave about 9 behind).
+        assert relay_connections(cluster, a) <= before + 4  # a few more: its new subscriptions
     finally:
         if x is not None:
             with contextlib.suppress(Exception):

@@ -439,6 +439,11 @@ class RedisLink:
                 await commands.conn.disconnect()
         if self.client is not None:
             client, self.client = self.client, None
+            if self.sharded:  # every node's connections, each on its own: one that fails must not leave the rest open
+                manager = client.nodes_manager
+                for node in {*manager.nodes_cache.values(), *manager.startup_nodes.values()}:
+                    with contextlib.suppress(Exception):
+                        await node.disconnect()
             with contextlib.suppress(*FAILURES):
                 await client.aclose()
 
