@@ -398,8 +398,26 @@ class Connection:
                 node.reply(seat, protocol.pong(msg.client_time, int(time.time() * 1000)))  # type: ignore[union-attr]
                 continue
             data = msg.data  # type: ignore[union-attr]
-            if ruled:
+            change = 0  # a STATE's change to the snapshot's size
+            if kind is not Event:  # the relay's own refusals first: the rules never hear of those moves
+                refused = None
+                if kind is State:
+                    change = node.snapshot_change(seat, msg.key, data)  # type: ignore[union-attr]
+                    if change is None:
+                        refused = self._snapshot_full(msg.seq)  # type: ignore[union-attr]
+                elif not node.has_actor(seat, msg.to_actor):  # type: ignore[union-attr]
+                    why = f"no member with actor {msg.to_actor} in this room"  # type: ignore[union-attr]
+                    refused = Invalid(msg.seq, ErrorCode.NO_SUCH_ACTOR, why)  # type: ignore[union-attr]
+                if refused is not None:
+                    if self._reject(refused, now):
+                        return
+                    continue
+            if ruled and node.backplane.ready():  # else refused as unavailable below, unseen by the rules
                 checked = self._check_rules(msg)  # type: ignore[arg-type]
+                if type(checked) is not Invalid and checked is not data and kind is State:
+                    change = node.snapshot_change(seat, msg.key, checked)  # type: ignore[union-attr]  # replaced
+                    if change is None:
+                        checked = self._snapshot_full(msg.seq)  # type: ignore[union-attr]
                 if type(checked) is Invalid:
                     if self._reject(checked, now):
                         return
@@ -411,41 +429,28 @@ class Connection:
                     continue
             elif kind is State:
                 stats.messages_in["STATE"] += 1
-                change = node.snapshot_change(seat, msg.key, data)  # type: ignore[union-attr]
-                if change is None:
-                    why = f"the room's snapshot would pass max_snapshot_bytes ({s.max_snapshot_bytes})"
-                    if self._reject(Invalid(msg.seq, ErrorCode.TOO_LARGE, why), now):  # type: ignore[union-attr]
-                        return
-                    continue
-                if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq, change):  # type: ignore[union-attr]
+                if not node.submit(seat, state_entry(seat.actor, msg.key, data), msg.seq, change):  # type: ignore[union-attr, arg-type]
                     continue
             else:
                 stats.messages_in["DIRECT"] += 1
                 if not node.direct(seat, msg.to_actor, msg.seq, data):  # type: ignore[union-attr]
-                    why = f"no member with actor {msg.to_actor} in this room"  # type: ignore[union-attr]
-                    if self._reject(Invalid(msg.seq, ErrorCode.NO_SUCH_ACTOR, why), now):  # type: ignore[union-attr]
-                        return
                     continue
             session.accepted(msg.seq)  # type: ignore[union-attr]
 
     def _check_rules(self, msg: Event | State | Direct) -> bytes | Invalid:
-        """The room's rules on a move, unless the relay refuses it anyway: then the
-        rules never hear of it (they would count a move the room never got)."""
+        """The room's rules on a move: the data to relay (maybe replaced), or why not."""
         seat = self.seat
-        assert seat is not None
-        node = self.relay.node
-        if not node.backplane.ready():
-            return msg.data  # refused as unavailable
-        kind = type(msg)
-        if kind is Event:
-            return node.check(seat, msg.seq, "event", msg.data)
-        if kind is State:
-            if node.snapshot_change(seat, msg.key, msg.data) is None:  # type: ignore[union-attr]
-                return msg.data  # refused as too_large
-            return node.check(seat, msg.seq, "state", msg.data, key=msg.key)  # type: ignore[union-attr]
-        if not node.has_actor(seat, msg.to_actor):  # type: ignore[union-attr]
-            return msg.data  # refused as no_such_actor
-        return node.check(seat, msg.seq, "direct", msg.data, to_actor=msg.to_actor)  # type: ignore[union-attr]
+        assert seat is not None and seat.room.rules is not None
+        validate, actor = seat.room.rules.validate, seat.actor
+        if type(msg) is Event:
+            return validate(actor, msg.seq, "event", msg.data)
+        if type(msg) is State:
+            return validate(actor, msg.seq, "state", msg.data, key=msg.key)
+        return validate(actor, msg.seq, "direct", msg.data, to_actor=msg.to_actor)  # type: ignore[union-attr]
+
+    def _snapshot_full(self, seq: int) -> Invalid:
+        why = f"the room's snapshot would pass max_snapshot_bytes ({self.settings.max_snapshot_bytes})"
+        return Invalid(seq, ErrorCode.TOO_LARGE, why)
 
     def _reject(self, invalid: Invalid, now: float) -> bool:
         """Answer ERROR; True when the connection has used up its error budget."""

@@ -531,13 +531,12 @@ class Node:
         return state is not None and actor in state.members
 
     def direct(self, seat: Seat, to_actor: int, seq: int, data: bytes) -> bool:
-        """Send a DIRECT; False when the room has no such actor."""
-        if not self.has_actor(seat, to_actor):
-            return False
+        """Send a DIRECT to a member (``has_actor``); False when it could not be taken
+        (the backplane is unavailable: ERROR ``unavailable``, as :meth:`submit`)."""
         room = seat.room
         if not self.backplane.ready():
             self._unavailable(seat, seq)
-            return True
+            return False
         if room.pending:  # the seat's earlier moves are taken first (``seqs`` stay in order)
             self._publish_room(room)
         self.backplane.direct(room.name, to_actor, protocol.direct(seat.actor, seq, data), seat.actor, seq)
@@ -728,15 +727,6 @@ class Node:
         seat.held_directs = None
 
     # --- game rules ------------------------------------------------------------------
-
-    def check(
-        self, seat: Seat, seq: int, kind: str, data: bytes, key: str | int | None = None, to_actor: int | None = None
-    ) -> bytes | protocol.Invalid:
-        """Run the room's rules on a move: the data to relay (maybe replaced), or why not."""
-        rules = seat.room.rules
-        if rules is None:
-            return data
-        return rules.validate(seat.actor, seq, kind, data, key, to_actor)
 
     def _start_rules(self, room: LocalRoom) -> None:
         cls = self.rules.get(room.name.partition(":")[0]) if ":" in room.name else None

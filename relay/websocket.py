@@ -39,6 +39,7 @@ websockets' job.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -291,8 +292,9 @@ class RelayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
-        self._headers_deadline = self.loop.call_later(timeout, self._no_request)
+        self._request_timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
+        self._headers_deadline: asyncio.TimerHandle | None = None
+        self._start_deadline()
         self._max_head = getattr(self.config, "relay_max_request_head_bytes", MAX_REQUEST_HEAD_BYTES)
         # Bytes read while a request's head is incomplete (-1: between a head and the end of
         # its request). Whole reads count, so a read that also holds a pipelined request
@@ -320,7 +322,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
-        self._headers_deadline.cancel()
+        self._headers_deadline.cancel()  # type: ignore[union-attr]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -329,8 +331,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
 
     def _start_deadline(self) -> None:
         if self._headers_deadline is None or self._headers_deadline.cancelled():
-            timeout = getattr(self.config, "relay_request_timeout_s", REQUEST_TIMEOUT_S)
-            self._headers_deadline = self.loop.call_later(timeout, self._no_request)
+            self._headers_deadline = self.loop.call_later(self._request_timeout, self._no_request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._headers_deadline is not None:

@@ -442,13 +442,15 @@ class RedisBackplane:
 
     def _settle(self, r: _Room, op: _Op, result: Any) -> bool:
         """Act on one operation's reply; False when it must be sent again."""
-        if cluster_moving(result) and op.kind in ("join", "takeover"):
-            # Not run; the player waiting for it is told now (1013), not after the reconnect.
+        if cluster_moving(result):  # not run
+            if op.kind not in ("join", "takeover"):
+                return False  # again, after a reconnect
+            # The player waiting for it is told now (1013), not after the reconnect.
             if op.future is not None and not op.future.done():
                 op.future.set_exception(Unavailable(f"the Redis Cluster is moving a slot: {result}"))
             return True
-        if isinstance(result, NoScriptError) or cluster_moving(result):
-            return False  # not run: again (after loading the scripts, or a reconnect)
+        if isinstance(result, NoScriptError):
+            return False  # again, once the scripts are loaded
         if isinstance(result, FAILURES) and not isinstance(result, ResponseError):
             if op.kind in ("join", "takeover"):  # in a Cluster, one shard can fail alone
                 self._join_lost(op, result)
