@@ -235,7 +235,13 @@ class Connection:
                     on_frame(frame)
             elif message["type"] == "websocket.disconnect":
                 code = message.get("code", 1006)
-                return 1006 if code == 1005 else code  # 1005: the peer vanished without a close
+                if code == 1005:  # uvicorn's code for a close frame with no status and for no close frame
+                    return CloseCode.NORMAL if self._close_received() else 1006
+                return code
+
+    def _close_received(self) -> bool:
+        """Whether the peer sent a close frame (a browser's plain ``ws.close()`` has no status)."""
+        return getattr(getattr(self.proto, "conn", None), "close_rcvd", None) is not None
 
     def _send_framed(self, frame: bytes) -> bool:
         """The node's fast path: a ready frame, written now if nothing holds it back
@@ -289,6 +295,8 @@ class Connection:
         if flush and self.seat is not None:
             if self.writer is None:
                 self.writer = asyncio.create_task(self._write())
+            elif self.proto is not None:  # a writer may wait for the socket: it writes on (see _write)
+                self.proto.writable.set()  # type: ignore[attr-defined]
             self.wakeup().set()
             return
         if self.writer is not None:
@@ -331,7 +339,16 @@ class Connection:
                 await wakeup.wait()
                 wakeup.clear()
                 while (frame := take()) is not None:
-                    await send({"type": "websocket.send", "bytes": frame})
+                    proto = self.proto
+                    if self.close_code is not None and proto is not None:
+                        if proto.disconnected or proto.close_sent:
+                            return
+                        # Closing: the rest goes behind what the socket holds, without
+                        # waiting for a peer that may read nothing; the close frame's
+                        # deadline (close_timeout_s) then covers all of it.
+                        proto.send_frame_now(frame)
+                    else:
+                        await send({"type": "websocket.send", "bytes": frame})
                     stats.frames_out += 1
                     stats.bytes_out += len(frame)
                 if self.close_code is not None:
@@ -383,6 +400,8 @@ class Connection:
         node, session, stats, s = self.relay.node, self.session, self.stats, self.settings
         ruled = seat.room.rules is not None
         for msg in protocol.decode_frame(frame, max_message_bytes=s.max_message_bytes, max_depth=s.max_depth):
+            if self.close_code is not None:  # closed by a message before (its replies overran the outbox: 4008)
+                return
             kind = type(msg)
             if kind is Invalid:
                 if self._reject(msg, now):  # type: ignore[arg-type]

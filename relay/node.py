@@ -483,7 +483,7 @@ class Node:
 
     def kick(self, seat: Seat, code: int, reason: str, *, flush: bool) -> None:
         """Close a seat's connection from the server side and take it out of its room."""
-        if seat.left:
+        if seat.left or seat.held is not None:  # gone, or already closed and held for a resume
             return
         seat.close(code, reason, flush)
         if code == CloseCode.SLOW_CONSUMER:

@@ -163,11 +163,14 @@ class Outbox:
         return b"".join(parts)
 
     def _refill(self) -> None:
-        """Move the backlog's next frames into the buffer, up to ``soft_bytes``."""
+        """Move the backlog's next frames into the buffer, no more than the frame that
+        :meth:`take` makes next carries: a replay never waits in the buffer, where a
+        burst of room messages could coalesce or drop it."""
         backlog = self._backlog
         if self._items is _EMPTY:
             self._items = deque()
-        while backlog and (self.size == 0 or self.size + len(backlog[0].wire) <= self.soft_bytes):
+        room = min(self.soft_bytes, self.max_frame_bytes)
+        while backlog and (self.size == 0 or self.size + len(backlog[0].wire) <= room):
             batch = backlog.popleft()
             self._items.append(batch)
             self.size += len(batch.wire)
@@ -213,8 +216,8 @@ class Outbox:
         removed = 0
         for batch in reversed(self._items):
             entries = batch.entries
-            if entries and entries[0].kind is MsgType.STATE:
-                entry = entries[0]
+            if entries and entries[0].kind is MsgType.STATE and entries[0].key is not None:
+                entry = entries[0]  # (a replayed STATE has no key: the history keeps only its bytes)
                 slot = (entry.actor, entry.key)
                 if slot in seen:
                     removed += 1

@@ -119,3 +119,29 @@ class LinkCutter:
                 up_writer.transport.abort()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def metrics(server: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in server.get_text("/metrics").splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def wait_metrics(
+    server: Any, wanted: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Poll /metrics until every named value is as ``wanted``; fail after ``seconds``."""
+    now: dict[str, float] = {}
+    try:
+        async with asyncio.timeout(timeout(seconds)):
+            while True:
+                now = await asyncio.to_thread(metrics, server)
+                if all(now.get(name) == value for name, value in wanted.items()):
+                    return now
+                await asyncio.sleep(0.1)  # pacing the polls of a condition
+    except TimeoutError:
+        got = {name: now.get(name) for name in wanted}
+        raise AssertionError(f"metrics never reached {wanted}: {got}") from None

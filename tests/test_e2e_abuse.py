@@ -40,7 +40,7 @@ from relay_client import (
 )
 from tests import abuse
 from tests.abuse import ATTACK_MARK, Outcome, RawSocket, Sockets, pack, ws_frame
-from tests.helpers import collect, next_of, raw_close_code, raw_connect, raw_messages
+from tests.helpers import collect, metrics, next_of, raw_close_code, raw_connect, raw_messages, wait_metrics
 from tests.relayproc import RelayProcess, timeout
 
 pytestmark = pytest.mark.asyncio
@@ -317,35 +317,9 @@ def rss_mb(server: RelayProcess, field: str = "VmRSS") -> float:
     return int(found.group(1)) / 1024
 
 
-def metrics(server: RelayProcess) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in server.get_text("/metrics").splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def server_log(server: RelayProcess) -> str:
     fd = server.log.fileno()  # pread: the server shares this file's offset
     return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
-
-
-async def wait_metrics(
-    server: RelayProcess, wanted: dict[str, float], seconds: float
-) -> dict[str, float]:
-    """Poll /metrics until every named value is as ``wanted``; fail after ``seconds``."""
-    now: dict[str, float] = {}
-    try:
-        async with asyncio.timeout(timeout(seconds)):
-            while True:
-                now = await asyncio.to_thread(metrics, server)
-                if all(now.get(name) == value for name, value in wanted.items()):
-                    return now
-                await asyncio.sleep(0.1)  # pacing the polls of a condition
-    except TimeoutError:
-        got = {name: now.get(name) for name in wanted}
-        raise AssertionError(f"metrics never reached {wanted}: {got}") from None
 
 
 async def health_probe(server: RelayProcess, stop: asyncio.Event, answers: list[Any]) -> None:

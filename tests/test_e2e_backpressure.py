@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from relay_client import Event, Join, Leave, connect, open_client
-from tests.helpers import next_of
+from tests.helpers import metrics, next_of, wait_metrics
 from tests.relayproc import timeout
 
 pytestmark = pytest.mark.asyncio
@@ -211,6 +211,35 @@ async def test_a_slow_consumer_that_reads_nothing_is_let_go_after_the_close_time
             stalled.transport.abort()
 
 
+async def test_a_peer_closed_with_a_flush_that_reads_nothing_is_let_go_after_the_close_timeout(relay_with, room):
+    # A text frame gets 1003 after what is queued for the peer: with a peer that reads
+    # nothing, that must not wait for its socket to drain (until the keepalive, 120 s here).
+    server = relay_with(
+        outbox_soft_bytes=SOFT, outbox_hard_bytes=HARD, slow_client_timeout_s=60, close_timeout_s=1,
+        ping_interval_s=60, ping_timeout_s=60, max_msgs_per_s=1000, burst=2000, max_bytes_per_s=10**8,
+        burst_bytes=10**8,
+    )
+    async with connect(server.url, room, player="mover") as mover:
+        stalled = await stalled_reader(server.url, room)
+        client_port = stalled.transport.get_extra_info("sockname")[1]
+        try:
+            join = await next_of(mover, Join)
+            for i in range(1000):  # past the kernel buffers: its outbox holds the rest
+                mover.send_event([i, MOVE])
+                await mover.flush()
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+            assert metric(server, "relay_outbox_bytes_max") > 0
+            await stalled.send("a text frame")
+            leave = await next_of(mover, Leave, seconds=15)
+            assert (leave.actor, leave.code) == (join.actor, 1003)
+            async with asyncio.timeout(timeout(5)):
+                while server_side_open(server.port, client_port):
+                    await asyncio.sleep(0.1)  # polling the kernel's connection table
+        finally:
+            stalled.transport.abort()
+
+
 def upgraded_socket(port: int, room: str, player: str) -> socket.socket:
     """A raw WebSocket connection (4 KB receive buffer) whose reads the test paces itself."""
     sock = socket.socket()
@@ -351,3 +380,31 @@ async def test_a_slow_readers_backlog_stays_in_reach_of_the_outbox(relay_with, r
         finally:
             slow.transport.abort()  # a close handshake would wait behind the backlog
     assert (dropped > 0) == bool(send_buffer_bytes), dropped
+
+
+
+async def test_a_frame_whose_replies_overrun_the_outbox_ends_at_its_4008(relay_with, room):
+    """The replies to one frame (PONGs to a reader that is not reading) pass the hard
+    limit part way through it: the connection is closed with 4008 once, and the rest
+    of that frame is not played."""
+    server = relay_with(outbox_soft_bytes=1024, outbox_hard_bytes=4096, send_buffer_bytes=4096)
+    async with connect(server.url, room, player="watch") as watch, connect(server.url, room, player="mark") as mark:
+        slow = await stalled_reader(server.url, room)
+        try:
+            await next_of(watch, Join)
+            await next_of(watch, Join)
+            pings = b"".join(msgpack.packb([9, "t" * 100]) for _ in range(120))  # ~12 KB of PONGs
+            await slow.send(pings + msgpack.packb([1, 1, "after the 4008"]))
+            await wait_metrics(server, {"relay_slow_consumer_closes_total": 1.0}, 10)
+            mark.send_event("marker")  # sequenced after anything the slow frame put in the order
+            await mark.flush()
+            seen = []
+            while not seen or seen[-1] != "marker":
+                seen.append((await next_of(watch, Event)).data)
+            assert seen == ["marker"]
+            after = await asyncio.to_thread(metrics, server)
+            assert after["relay_slow_consumer_closes_total"] == 1.0
+            assert after['relay_closes_total{code="4008"}'] == 1.0
+        finally:
+            await slow.close()
+

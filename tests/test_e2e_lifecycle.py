@@ -79,3 +79,15 @@ async def test_fixed_flush_tick_still_delivers_everything_in_order(relay_with, r
             await asyncio.sleep(0.001)
         got = await collect(b, lambda ms: sum(isinstance(m, Event) for m in ms) == 50)
         assert [m.data for m in got if isinstance(m, Event)] == list(range(50))
+
+
+async def test_close_frame_without_a_code_gives_the_seat_up_at_once(relay_with, room):
+    """A browser's plain ``ws.close()`` sends a close frame with no status code: a
+    deliberate close, not a broken link, so the seat is not held for a resume."""
+    server = relay_with(resume_window_s=60)
+    async with connect(server.url, room, player="watch") as watch:
+        async with connect(server.url, room, player="leaver") as leaver:
+            join = await next_of(watch, Join)
+            leaver.ws.transport.write(b"\x88\x80\x00\x00\x00\x00")  # FIN + close, masked, empty payload
+            leave = await next_of(watch, Leave, seconds=5)  # long before the 60 s hold would end
+            assert leave.actor == join.actor and leave.code == 1000

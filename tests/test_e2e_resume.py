@@ -87,10 +87,11 @@ async def history_too_short_gives_a_fresh_snapshot(first, second, room: str, mov
 
 
 @pytest.mark.parametrize("before", ["0", "1", "1000"], ids=["before-the-room", "before-its-join", "in-the-future"])
-async def test_a_resume_from_before_the_seats_own_join_gets_the_room_as_it_is_now(relay, room, before):
+async def test_a_resume_from_before_the_seats_own_join_gets_the_room_as_it_is_now(relay_with, room, before):
     """No client saw the room before its own JOIN (nor past the room's offset), and a
     WELCOME as of then could not list its player: the seat is kept, with the room as it
     is now and no replay."""
+    relay = relay_with()  # its own: seats held by other tests would count in held_on
     async with connect(relay.url, room, player="b") as b:  # JOIN at offset 1
         a = await raw_connect(relay.url, room, "?player=a")  # JOIN at offset 2
         [welcome] = await raw_messages(a)
@@ -164,7 +165,8 @@ async def test_a_slow_reader_closed_with_4008_catches_up_from_history(relay_with
     await slow_reader_catches_up(server, server, room)
 
 
-async def test_a_resume_welcome_is_the_room_at_the_clients_offset_then_what_followed(relay, room):
+async def test_a_resume_welcome_is_the_room_at_the_clients_offset_then_what_followed(relay_with, room):
+    relay = relay_with()  # its own: seats held by other tests would count in held_on
     await resume_welcome_is_the_room_at_the_clients_offset(relay, relay, room)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from relay import protocol
 from relay.outbox import Batch, Outbox
 from relay.protocol import ErrorCode, MsgType
-from relay.room import Entry, Member, event_entry, join_entry, leave_entry, state_entry
+from relay.room import Entry, Member, RoomState, event_entry, join_entry, leave_entry, state_entry
 
 FAST = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
@@ -539,6 +539,28 @@ def test_a_replay_far_past_the_hard_limit_goes_out_whole_in_order_frame_by_frame
     assert offsets(frames) == list(range(1, 202))  # nothing coalesced, nothing dropped
     assert max(len(f) for f in frames) <= 2000 and max(sizes) <= 1000  # paced: a frame at a time
     assert (box.dropped_total, box.coalesced_total, box.must_close, len(box), box.backlog_size) == (0, 0, False, 0, 0)
+
+
+def test_a_replay_from_the_room_history_is_not_coalesced_when_frames_are_smaller_than_soft() -> None:
+    # The history keeps a STATE's bytes, not its key: coalesced, every key of one actor
+    # would count as one, and key "a" below would be lost among the values of key "b".
+    history = RoomState("r", history_size=1000)
+    history.sequence([join_entry(Member(1, "p1", {}))])
+    start = history.offset
+    missed = [state_entry(1, "b", packb(f"b{i}" + "-" * 80)) for i in range(20)]
+    missed += [state_entry(1, "a", packb("A"))]
+    missed += [state_entry(1, "b", packb(f"b{i}" + "-" * 80)) for i in range(20, 40)]
+    history.sequence(missed)
+    box = outbox(soft=4096, hard=65536, frame=1024)
+    box.catch_up(history.history_after(start, history.epoch), limit=1_000_000)
+    frames = [box.take()]  # the client reads one frame; meanwhile the room goes on past soft
+    room = Room()
+    room.offset = history.offset
+    for _ in range(60):
+        box.push(batch(room.event(actor=2, data="x" * 60)), 0.0)
+    frames += drain(box)
+    assert offsets(frames) == list(range(start + 1, room.offset + 1))
+    assert box.coalesced_total == 0
 
 
 def test_while_catching_up_nothing_jumps_the_queue() -> None:
