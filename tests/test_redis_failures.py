@@ -8,7 +8,7 @@ import signal
 import urllib.error
 
 import pytest
-from relay_client import Error, Event, Leave, Resynced, connect, open_client
+from relay_client import Direct, Error, Event, Join, Leave, Resynced, connect, open_client
 
 from tests.helpers import closed, collect, next_of
 from tests.redisproc import command, ready, wait_until
@@ -166,6 +166,33 @@ async def test_a_node_frozen_past_its_seats_window_closes_them_for_a_rejoin_and_
             assert not [m for m in got if isinstance(m, Event) and m.actor == leave.actor]
     finally:
         await x.close()
+
+
+async def test_directs_kept_for_a_frozen_nodes_seats_reach_them_when_it_takes_them_back(
+    redis_server, redis_relays, room
+):
+    """SIGSTOP a node for longer than node_ttl_s but less than the resume window: the
+    others hold its seats and keep the DIRECTs sent to them. Its players never left, so
+    no resume hands those over: the node does, as it takes its seats back."""
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=TTL, resume_window_s=60)
+    async with connect(a.url, room, player="x") as x, connect(b.url, room, player="y") as y:
+        await next_of(x, Join)
+        a.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            held = f"{{relay:{room}}}:hld"
+            is_held = lambda: command(redis_server.port, "HEXISTS", held, str(x.actor)) == b":1\r\n"  # noqa: E731
+            await asyncio.to_thread(wait_until, is_held, 15, "the other node to hold x's seat")
+            for i in range(3):
+                y.send_direct(x.actor, i)  # kept in Redis for the held seat
+            await y.flush()
+            kept = lambda: command(redis_server.port, "LLEN", f"{{relay:{room}}}:dir:{x.actor}") == b":3\r\n"  # noqa: E731
+            await asyncio.to_thread(wait_until, kept, 5, "the DIRECTs to be kept for x")
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        got = await collect(x, lambda ms: len([m for m in ms if isinstance(m, Direct)]) == 3, seconds=15)
+        assert [m.data for m in got if isinstance(m, Direct)] == [0, 1, 2]
+        assert not [m for m in got if isinstance(m, (Leave, Join))]  # the seat was never given up
+    assert command(redis_server.port, "EXISTS", f"{{relay:{room}}}:dir:{x.actor}") == b":0\r\n"
 
 
 async def test_reading_rooms_while_redis_stops_answering_is_a_503(redis_server, redis_relays, room):

@@ -349,8 +349,20 @@ RECLAIM = r"""
 local who, taken = ARGV[2], 0
 local seats = redis.call('HGETALL', K_NOD)
 for i = 1, #seats, 2 do
-  if string.sub(seats[i + 1], 1, #who) == who then
-    taken = taken + redis.call('HDEL', K_HLD, seats[i])
+  if string.sub(seats[i + 1], 1, #who) == who and redis.call('HDEL', K_HLD, seats[i]) == 1 then
+    taken = taken + 1
+    -- The DIRECTs kept for the seat while it was held go to it now, through the room's
+    -- channel like any other DIRECT (its player never left, so no TAKEOVER hands them over).
+    local actor = tonumber(seats[i])
+    local kept, lost = tag .. ':dir:' .. seats[i], tag .. ':dirlost:' .. seats[i]
+    local count = tonumber(redis.call('GET', lost) or '0')
+    if count > 0 then
+      redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, actor, cmsgpack.pack({8, count})}))
+    end
+    for _, wire in ipairs(redis.call('LRANGE', kept, 0, -1)) do
+      redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, actor, wire}))
+    end
+    redis.call('DEL', kept, lost)
   end
 end
 return taken
