@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 
 import pytest
 import websockets
 
 from relay import auth
-from relay_client import Error, Event, Leave, RelayClosed, Resumed, Resynced, State, connect, open_client
+from relay_client import Direct, Error, Event, Leave, RelayClosed, Resumed, Resynced, State, connect, open_client
 from tests.helpers import LinkCutter, closed, collect, held_on, next_of
 
 pytestmark = pytest.mark.asyncio
@@ -61,6 +62,47 @@ async def test_moves_sent_while_the_seat_was_lost_go_out_from_the_new_seat(relay
         assert watch.snapshot[away.actor] == {"pos": [1, 2]}
         assert away.snapshot[away.actor] == {"pos": [1, 2]}  # its own copy, without echo
     await link.down()
+
+
+async def test_directs_queued_for_an_earlier_epoch_of_the_room_are_not_sent(relay_with, room):
+    """Actors are numbered anew in a room's new epoch (it emptied, or Redis restarted
+    empty): a DIRECT queued for an old actor could reach someone else, itself included."""
+    server = relay_with(resume_window_s=0.3)
+    link = await LinkCutter(server.port).up()
+    away = await open_client(link.url, room, player="away")  # actor 1
+    try:
+        async with connect(server.url, room, player="gone") as gone:  # actor 2
+            old_epoch, target = away.epoch, gone.actor
+        await link.down()  # away's seat is lost and the room empties: its epoch ends
+        async with asyncio.timeout(5):
+            while away.ws.state is not websockets.protocol.State.CLOSED:
+                await asyncio.sleep(0.01)  # until the client has seen its link go
+        seq = away.send_direct(target, "for gone only")
+        away.send_event("still sent")
+        async with asyncio.timeout(5):
+            while await asyncio.to_thread(room_exists, server, room):
+                await asyncio.sleep(0.05)  # polling the relay: the held seat's hold runs out
+        async with connect(server.url, room, player="watch") as watch:  # actor 1 of the new epoch
+            await link.up()
+            notice = await collect(away, lambda ms: any(isinstance(m, Resynced) for m in ms), seconds=10)
+            assert away.epoch != old_epoch and away.actor == target  # the old target's number
+            assert notice[-1].unsent_directs == [seq]
+            assert events(await collect(watch, lambda ms: events(ms) == ["still sent"])) == ["still sent"]
+            away.send_direct(away.actor, "to itself")  # a DIRECT of this epoch is sent
+            assert (await next_of(away, Direct)).data == "to itself"  # and nothing came before it
+    finally:
+        await away.close()
+    await link.down()
+
+
+def room_exists(server, room: str) -> bool:
+    try:
+        server.get_json(f"/rooms/{room}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return False
+        raise
+    return True
 
 
 async def test_a_refusal_during_a_resume_is_reported_with_its_code_at_once(relay_with, room):

@@ -1808,7 +1808,7 @@ var RelayClient = class {
    */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
-    this._queueMove(seq, direct(seq, toActor, data));
+    this._queueMove(seq, direct(seq, toActor, data), void 0, true);
     return seq;
   }
   /**
@@ -1852,10 +1852,13 @@ var RelayClient = class {
   /**
    * Keep an own move for re-sending; send it now when open, else after the next WELCOME.
    * @param {number} seq @param {unknown[]} message @param {SentMove['state']} [state]
+   * @param {boolean} [direct]
    */
-  _queueMove(seq, message, state2) {
+  _queueMove(seq, message, state2, direct2 = false) {
     const bytes = encodeMessage(message);
-    this._sent.push(state2 ? { seq, bytes, state: state2 } : { seq, bytes });
+    this._sent.push(
+      state2 ? { seq, bytes, state: state2 } : direct2 ? { seq, bytes, direct: direct2 } : { seq, bytes }
+    );
     if (this._sent.length > RESEND_BUFFER) this._sent.shift();
     if (this.status === "open") this._queue(bytes, seq);
   }
@@ -1975,7 +1978,8 @@ var RelayClient = class {
     const rejoined = this._welcomed;
     const from = this._resumeFrom;
     this._resumeFrom = null;
-    const sameSeat = rejoined && welcome.actor === previousActor && welcome.epoch === this.view.epoch;
+    const sameEpoch = welcome.epoch === this.view.epoch;
+    const sameSeat = rejoined && welcome.actor === previousActor && sameEpoch;
     const exact = from !== null && welcome.actor === from.actor && welcome.epoch === from.epoch && welcome.offset === from.offset;
     if (!exact) this.view.reset(welcome);
     this.limits = welcome.limits;
@@ -1983,11 +1987,17 @@ var RelayClient = class {
     this.status = "open";
     this._attempt = 0;
     this._welcomed = true;
+    const unsentDirects = [];
+    if (rejoined && !sameEpoch)
+      this._sent = this._sent.filter((m) => {
+        if (m.direct && m.seq > this._wiredSeq) unsentDirects.push(m.seq);
+        return !m.direct;
+      });
     if (rejoined) this._resend(sameSeat ? welcome.lastSeq ?? 0 : this._wiredSeq, !exact);
     this._emit("welcome", welcome);
     if (!rejoined) this._resolveReady(this);
     else if (exact) this._emit("resumed", { actor: welcome.actor, offset: welcome.offset });
-    else this._emit("resynced", { actor: welcome.actor, previousActor });
+    else this._emit("resynced", { actor: welcome.actor, previousActor, unsentDirects });
   }
   /**
    * After a reconnect's WELCOME: re-send, in order and ahead of anything else,

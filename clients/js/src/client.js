@@ -28,7 +28,7 @@ const ERROR_GRACE_MS = 250;
 
 /**
  * One of this client's own moves, kept until the server is known to have it.
- * @typedef {{seq: number, bytes: Uint8Array, state?: {key: string|number, data: any}}} SentMove
+ * @typedef {{seq: number, bytes: Uint8Array, state?: {key: string|number, data: any}, direct?: boolean}} SentMove
  */
 
 /**
@@ -70,8 +70,10 @@ const ERROR_GRACE_MS = 250;
  * @property {{attempt: number, delayMs: number}} reconnecting
  * @property {{actor: number, offset: number}} resumed  took the seat back after a break with
  *   nothing missed: members and snapshot were kept, and the missed messages follow
- * @property {{actor: number, previousActor: number|null}} resynced  rejoined after a break,
- *   with a fresh snapshot (the actor changes when the seat was gone)
+ * @property {{actor: number, previousActor: number|null, unsentDirects: number[]}} resynced
+ *   rejoined after a break, with a fresh snapshot (the actor changes when the seat was
+ *   gone); unsentDirects: the seqs of DIRECTs that had not left when the room started
+ *   a new epoch, where actors are numbered anew, so they were not sent
  */
 
 /**
@@ -240,7 +242,7 @@ export class RelayClient {
    */
   sendDirect(toActor, data) {
     const seq = this._nextSeq();
-    this._queueMove(seq, codec.direct(seq, toActor, data));
+    this._queueMove(seq, codec.direct(seq, toActor, data), undefined, true);
     return seq;
   }
 
@@ -290,10 +292,13 @@ export class RelayClient {
   /**
    * Keep an own move for re-sending; send it now when open, else after the next WELCOME.
    * @param {number} seq @param {unknown[]} message @param {SentMove['state']} [state]
+   * @param {boolean} [direct]
    */
-  _queueMove(seq, message, state) {
+  _queueMove(seq, message, state, direct = false) {
     const bytes = codec.encodeMessage(message);
-    this._sent.push(state ? { seq, bytes, state } : { seq, bytes });
+    this._sent.push(
+      state ? { seq, bytes, state } : direct ? { seq, bytes, direct } : { seq, bytes },
+    );
     if (this._sent.length > RESEND_BUFFER) this._sent.shift();
     if (this.status === 'open') this._queue(bytes, seq);
   }
@@ -425,8 +430,8 @@ export class RelayClient {
     this._resumeFrom = null;
     // Actors are never reused within an epoch: the same actor is the same seat,
     // and the server has its moves up to lastSeq. A new seat has none of the old one's.
-    const sameSeat =
-      rejoined && welcome.actor === previousActor && welcome.epoch === this.view.epoch;
+    const sameEpoch = welcome.epoch === this.view.epoch;
+    const sameSeat = rejoined && welcome.actor === previousActor && sameEpoch;
     // Exact: the server replays every room message after the offset asked for, so
     // the members and snapshot this client has stay right as it applies them.
     const exact =
@@ -440,13 +445,21 @@ export class RelayClient {
     this.status = 'open';
     this._attempt = 0;
     this._welcomed = true;
+    // A DIRECT names its recipient by actor: in a new epoch that may be anyone.
+    /** @type {number[]} */
+    const unsentDirects = [];
+    if (rejoined && !sameEpoch)
+      this._sent = this._sent.filter((m) => {
+        if (m.direct && m.seq > this._wiredSeq) unsentDirects.push(m.seq);
+        return !m.direct;
+      });
     // On a new seat only the moves that never left go out (the others may have
     // been applied by the old seat already).
     if (rejoined) this._resend(sameSeat ? (welcome.lastSeq ?? 0) : this._wiredSeq, !exact);
     this._emit('welcome', welcome);
     if (!rejoined) this._resolveReady(this);
     else if (exact) this._emit('resumed', { actor: welcome.actor, offset: welcome.offset });
-    else this._emit('resynced', { actor: welcome.actor, previousActor });
+    else this._emit('resynced', { actor: welcome.actor, previousActor, unsentDirects });
   }
 
   /**

@@ -285,7 +285,7 @@ test('a broken connection is rejoined with backoff and a fresh snapshot', async 
   );
   assert.deepEqual(events[0][1], { code: 1006, reason: '', willReconnect: true });
   assert.equal(events[3][1].attempt, 2);
-  assert.deepEqual(events[4][1], { actor: 5, previousActor: 2 });
+  assert.deepEqual(events[4][1], { actor: 5, previousActor: 2, unsentDirects: [] });
   await tick();
   assert.deepEqual(
     sentFrames(FakeSocket.last()),
@@ -477,7 +477,7 @@ for (const [why, w] of [
         snapshot: { 1: { pos: [1, 1] } },
       }),
     );
-    assert.deepEqual(seen, [['resynced', { actor: w.actor, previousActor: 2 }]]);
+    assert.deepEqual(seen, [['resynced', { actor: w.actor, previousActor: 2, unsentDirects: [] }]]);
     assert.deepEqual([...client.members.keys()], [1, w.actor]);
     assert.deepEqual(client.snapshot.get(1).pos, [1, 1]);
     assert.equal(client.offset, w.offset);
@@ -508,6 +508,24 @@ test('after a resume the moves after last_seq are re-sent in order, in one frame
   next.push(welcome({ actor: 2, offset: 10, lastSeq: 7 }));
   await tick();
   assert.deepEqual(sentFrames(next), [[[1, 8, 'm8']]]);
+});
+
+test('DIRECTs queued for an earlier epoch of the room are not sent in the new one', async () => {
+  const client = await joined();
+  const seen = [];
+  client.on('resynced', (e) => seen.push(e));
+  const socket = await breakLink(client);
+  // Queued while away: actor 1 of the old epoch may be anyone in a new one.
+  const direct = client.sendDirect(1, 'for actor 1 of the old epoch');
+  client.sendEvent('still sent');
+  socket.push(welcome({ actor: 1, offset: 1, epoch: 'epoch-2', members: [[1, 'p-two', {}]] }));
+  await tick();
+  assert.deepEqual(sentFrames(socket), [[[1, direct + 1, 'still sent']]]);
+  assert.deepEqual(seen, [{ actor: 1, previousActor: 2, unsentDirects: [direct] }]);
+  // The same epoch keeps them: actors are never reused within one.
+  client.sendDirect(1, 'now');
+  await tick();
+  assert.deepEqual(sentFrames(socket).at(-1), [[3, direct + 2, 1, 'now']]);
 });
 
 test('a move the server refused (ERROR with its seq) is not re-sent after a resume', async () => {

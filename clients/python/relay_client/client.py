@@ -72,6 +72,7 @@ class _Move:
     wire: bytes
     state_key: Any = _NO_STATE  # a STATE's key and value, to keep our own snapshot
     state_data: Any = None
+    direct: bool = False  # a DIRECT: its to_actor means nothing in another epoch of the room
 
 
 class Client:
@@ -148,7 +149,7 @@ class Client:
     def send_direct(self, to_actor: int, data: Any) -> int:
         """Queue a DIRECT to one member; returns its seq."""
         seq = next(self._seq)
-        self._queue_out(_Move(seq, _pack([3, seq, to_actor, data])))
+        self._queue_out(_Move(seq, _pack([3, seq, to_actor, data]), direct=True))
         return seq
 
     async def send_raw(self, frame: bytes) -> None:
@@ -334,6 +335,8 @@ class Client:
         """Take a reconnect's WELCOME; returns the notice for the app (Resumed or Resynced)."""
         exact = (welcome.actor, welcome.epoch, welcome.offset) == (self.actor, self.epoch, self.offset)
         same_seat = (welcome.actor, welcome.epoch) == (self.actor, self.epoch)
+        same_epoch = welcome.epoch == self.epoch
+        dropped: list[int] = []
         self.ws = ws
         self.welcome = welcome
         self.limits = welcome.limits
@@ -354,13 +357,17 @@ class Client:
             # any move that left: only those that never left go out, as they are.
             unsent = {seq for seq, _ in self._outgoing}
             again = [m for m in self._sent if m.seq in unsent]
+            if not same_epoch:  # a new room order numbers its members anew: those DIRECTs are not sent
+                dropped = [m.seq for m in again if m.direct]
+                again = [m for m in again if not m.direct]
+                self._outgoing = [o for o in self._outgoing if o[0] not in dropped]
         self._sent = collections.deque(again, maxlen=RESEND_BUFFER)
         if not exact and not self.echo:  # the fresh snapshot predates these STATEs
             for move in again:
                 if move.state_key is not _NO_STATE:
                     self._set_state(self.actor, move.state_key, move.state_data)
         self._schedule_write()
-        return Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome)
+        return Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome, dropped)
 
     def _set_state(self, actor: int, key: Any, data: Any) -> None:
         if data is None:

@@ -94,9 +94,15 @@ class Resumed:
 @dataclass(slots=True)
 class Resynced:
     """The connection broke and the client came back with a fresh snapshot (``welcome``):
-    members and snapshot were replaced, and messages in between were not replayed."""
+    members and snapshot were replaced, and messages in between were not replayed.
+
+    ``unsent_directs``: the seqs of this client's DIRECTs that had not left when the
+    room started a new order (a new epoch, as after a Redis restart). Actors are numbered
+    anew there, so they were not sent: their ``to_actor`` could now be someone else.
+    """
 
     welcome: Welcome
+    unsent_directs: list[int] = field(default_factory=list)
 
 
 Message = Welcome | Event | State | Direct | Join | Leave | Error | Dropped | Pong | Resumed | Resynced
