@@ -387,12 +387,27 @@ class Connection:
         now = time.monotonic()
         over = session.admit_frame(len(frame), now)
         if over is not None:
-            self._reject(over, now)
+            self._refuse_frame(frame, over, now)
             return
         try:
             self._handle_messages(frame, now)
         finally:
             seat.last_seq = session.last_seq
+
+    def _refuse_frame(self, frame: bytes, over: Invalid, now: float) -> None:
+        """A frame past the bytes/s budget is not played. Each move in it gets its own
+        ERROR, so that the client knows which seqs were refused (the frame is decoded for
+        them, no further); a frame with none (PINGs, garbage) gets one, with seq nil."""
+        s = self.settings
+        told = False
+        for msg in protocol.decode_frame(frame, max_message_bytes=s.max_message_bytes, max_depth=s.max_depth):
+            seq = getattr(msg, "seq", None)
+            if seq is not None:
+                told = True
+                if self._reject(Invalid(seq, over.code, over.message), now):
+                    return
+        if not told:
+            self._reject(over, now)
 
     def _handle_messages(self, frame: bytes, now: float) -> None:
         seat = self.seat

@@ -182,10 +182,14 @@ async def test_byte_rate_limit(relay_with, room):
     async with connect(server.url, room) as client:
         await client.send_raw(msgpack.packb([1, 1, b"x" * 8000]))
         await client.send_raw(msgpack.packb([1, 2, b"x" * 8000]))
-        await client.send_raw(msgpack.packb([1, 3, b"x" * 8000]))
+        await client.send_raw(msgpack.packb([1, 3, b"x" * 8000]) + msgpack.packb([1, 4, "small"]))
+        errors = await collect(client, lambda ms: sum(isinstance(m, Error) for m in ms) == 2)
+        errors = [m for m in errors if isinstance(m, Error)]
+        assert [(e.ref_seq, e.code) for e in errors] == [(3, "rate_limited"), (4, "rate_limited")]
+        assert all("bytes/s" in e.message for e in errors)
+        await client.send_raw(msgpack.packb([9, 1]) * 1000)  # PINGs alone: one ERROR for the frame
         error = await next_of(client, Error)
         assert (error.ref_seq, error.code) == (None, "rate_limited")
-        assert "bytes/s" in error.message
 
 
 async def test_deep_nesting_is_malformed(relay, room):
