@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nresults: {out}, {markdown}" + "".join(f"\nplot: {p}" for p in made))
     if not args.no_plots and not plots.available():
         say("no plots: matplotlib is not installed (pip install -e '.[bench]')")
-    return 0 if any("figures" in r for r in runs) else 1
+    broken = [r for r in runs if "error" in r]
+    if broken:
+        say(f"{len(broken)} run(s) failed: see 'error' above and in {out}")
+    return 0 if any("figures" in r for r in runs) and not broken else 1
 
 
 if __name__ == "__main__":

@@ -178,7 +178,14 @@ class Player:
             ),
             **CONNECT_OPTIONS,
         )
-        await asyncio.wait_for(self.welcomed, timeout)
+        closed = asyncio.ensure_future(self.ws.wait_closed())
+        await asyncio.wait((self.welcomed, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        closed.cancel()
+        if not self.welcomed.done():
+            if self.ws.close_code is not None:  # refused: say why (a token required, a full room, ...)
+                raise ConnectionError(f"closed with {self.ws.close_code} {self.ws.close_reason!r} before WELCOME")
+            raise TimeoutError(f"no WELCOME within {timeout:g} s")
+        self.welcomed.result()
         self.ws.fast = True  # type: ignore[attr-defined]
 
     async def _connect_slow(self, timeout: float) -> ClientConnection:

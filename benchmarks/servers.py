@@ -59,7 +59,10 @@ class Server:
         argv = self.argv
         if self.cpus and shutil.which("taskset"):
             argv = ["taskset", "-c", self.cpus, *argv]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The benchmark alone says how a server runs: a RELAY_SECRET exported for a
+        # relay of one's own would otherwise turn every player away (4001).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         # Open until stop(): the server writes to it for its whole life.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115

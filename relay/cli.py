@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -65,15 +66,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     check(settings, parser)
+    port_taken = taken(settings.host, settings.port)
+    if port_taken:
+        sys.exit(f"relay: cannot listen on {settings.host}:{settings.port} ({port_taken}); another relay? Pick a port with --port N")
     from relay.runner import serve as run
 
     print(
-        f"relay: serving ws://{settings.host}:{settings.port}/ws/{{room}} "
+        f"relay: starting on ws://{settings.host}:{settings.port}/ws/{{room}} "
         f"(backplane: {'redis' if settings.redis else 'memory'}, workers: {settings.workers})",
         file=sys.stderr,
         flush=True,
     )
     run(settings)
+
+
+def taken(host: str, port: int) -> str | None:
+    """Why the relay could not listen there (to say so before starting up), or None.
+
+    uvicorn binds only after the app has started, and then logs a bare errno."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc)
+    for family, kind, proto, _, address in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
 
 
 def check(settings: Settings, parser: argparse.ArgumentParser) -> None:

@@ -168,8 +168,7 @@ def create_app(settings: Settings | None = None, backplane: Backplane | None = N
         RUNNING.add(relay)
         tune_gc()
         log.info(
-            "relay ready on ws://%s:%d/ws/{room} (backplane: %s)",
-            settings.host, settings.port, relay.node.backplane.name,
+            "relay started (backplane: %s)", relay.node.backplane.name,
         )
         try:
             yield

@@ -36,6 +36,7 @@ class RelayProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: Any = None
     env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # where it starts (a rules module of the current directory)
 
     @property
     def url(self) -> str:
@@ -53,7 +54,7 @@ class RelayProcess:
         env.update(self.env)
         # A file, not a pipe: a pipe nobody reads would block a chatty server.
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, env=env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout(15)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
 from relay_client import Error, Event, Join, Leave, State, connect
 from tests.helpers import next_of
+from tests.relayproc import RelayProcess, free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -120,3 +122,22 @@ async def test_the_rules_never_hear_of_a_move_the_relay_refuses(relay_with):
         await next_of(ann, State)
         bob.send_state("pos", [0, 0])  # so the cell is free: ann never stood there
         assert (await next_of(ann, State)).data == [0, 0]
+
+
+async def test_the_readmes_rules_example_runs_as_printed(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("For example, `chat.py`:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "chat.py").write_text(example)
+    server = RelayProcess(free_port(), {"rules": "chat=chat:Chat"}, cwd=str(tmp_path)).start()
+    try:
+        async with connect(server.url, "chat:lobby", player="ann") as ann, connect(
+            server.url, "chat:lobby", player="bob"
+        ) as bob:
+            shout = ann.send_event({"text": "HELLO ALL"})
+            error = await next_of(ann, Error)
+            assert (error.ref_seq, error.code) == (shout, "no_shouting")
+            ann.send_event({"text": "hi " + "x" * 300})
+            said = await next_of(bob, Event)
+            assert said.data == {"text": ("hi " + "x" * 300)[:200]}
+    finally:
+        server.stop()

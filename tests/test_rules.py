@@ -196,3 +196,16 @@ def test_a_slow_validate_is_counted_and_its_move_relayed():
     rules, counts = guarded(Slow, room_with("s:x", 1))
     assert rules.validate(1, 1, "event", pack("m")) == pack("m")
     assert counts == {"slow_validate": 1}
+
+
+def test_a_rules_module_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    # `relay serve` (a console script) has no current directory on sys.path, as
+    # `python3 -m relay serve` has: the rules of one's own game must load under both.
+    from relay.rules.base import load
+
+    (tmp_path / "house_rules_of_this_test.py").write_text(
+        "from relay.rules.base import BaseRules\nclass House(BaseRules):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert load("house_rules_of_this_test:House").__name__ == "House"

@@ -55,6 +55,8 @@ against the state their own node had seen.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -161,6 +163,8 @@ def load(spec: str) -> type[Rules]:
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise ValueError(f"rules {spec!r} must look like package.module:ClassName")
+    if os.getcwd() not in sys.path:  # as uvicorn does for an app: a module of the current directory
+        sys.path.append(os.getcwd())  # imports under `relay serve` as under `python3 -m relay serve`
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
