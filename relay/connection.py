@@ -515,10 +515,10 @@ def parse_request(scope: Scope) -> tuple[str, dict[str, Any], str | None]:
     one = {k: v[-1] for k, v in query.items()}
     echo = FLAGS.get(one.get("echo", "0").lower())
     if echo is None:
-        return room, {}, "echo must be 0 or 1"
+        return room, {}, "echo must be 0, 1, true or false"
     player = one.get("player") or "p-" + secrets.token_hex(6)
     if len(player.encode()) > MAX_PLAYER_ID or not player.isprintable():
-        return room, {}, f"player must be 1-{MAX_PLAYER_ID} printable characters"
+        return room, {}, f"player must be printable, 1-{MAX_PLAYER_ID} bytes in UTF-8"
     meta: dict[str, Any] = {}
     if "name" in one:
         name = one["name"]
@@ -542,12 +542,18 @@ def client_ip(scope: Scope) -> str:
 
 
 def origin_allowed(scope: Scope, allowed: str) -> bool:
-    """Browsers send Origin; a page from another site must not join (CSWSH). Others pass."""
+    """Browsers send Origin; a page from another site must not join (CSWSH). Others pass,
+    and so do the relay's own pages (the demo): an Origin naming the host asked for."""
     if allowed.strip() == "*":
         return True
-    origin = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"origin"), None)
+    headers = dict(scope.get("headers", []))
+    origin = headers.get(b"origin")
     if origin is None:
         return True
-    return origin.rstrip("/") in {o.strip().rstrip("/") for o in allowed.split(",")}
+    origin_text = origin.decode("latin-1").rstrip("/")
+    host = headers.get(b"host")
+    if host is not None and origin_text.partition("://")[2] == host.decode("latin-1"):
+        return True
+    return origin_text in {o.strip().rstrip("/") for o in allowed.split(",")}
 
 

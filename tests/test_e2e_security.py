@@ -96,6 +96,11 @@ async def test_origin_not_allowed_is_refused(relay_with, room):
     assert info.value.response.status_code == 403
     ok = await websockets.connect(f"{server.url}/ws/{room}", origin="https://game.example")
     await ok.close()
+    # The relay's own pages (the demo at /) connect from the relay's own origin.
+    own = await websockets.connect(f"{server.url}/ws/{room}", origin=server.http)
+    await own.close()
+    with pytest.raises(websockets.InvalidStatus):  # the same host name alone is not enough
+        await websockets.connect(f"{server.url}/ws/{room}", origin="http://127.0.0.1:1")
 
 
 async def test_capacity_limits_close_1013(relay_with, room):

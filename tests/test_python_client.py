@@ -180,3 +180,8 @@ async def test_a_move_the_rules_refused_is_not_sent_again_after_a_resume(relay):
         await collect(bob, lambda ms: any(isinstance(m, Resumed) for m in ms), seconds=10)
         bob.send_event("b1")
         assert (await next_of(ann, Event)).data == "b1"  # not the refused move, played out of its time
+
+
+async def test_an_http_url_names_the_same_relay(relay, room):
+    async with connect(relay.http, room, player="web") as client:  # http://host:port, as in a browser
+        assert client.actor >= 1 and await client.ping() >= 0

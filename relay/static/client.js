@@ -1714,6 +1714,10 @@ var RelayClient = class {
   /** @param {ConnectOptions} options */
   constructor(options) {
     this.options = { reconnect: true, backoffMs: 250, maxBackoffMs: 8e3, ...options };
+    if (typeof (this.options.WebSocket ?? globalThis.WebSocket) !== "function")
+      throw new TypeError(
+        "no WebSocket here: pass options.WebSocket, or use Node 22+ (Node 20: --experimental-websocket)"
+      );
     const bases = this.options.urls?.length ? this.options.urls : [this.options.url];
     this.urls = bases.map((url) => socketUrl({ ...this.options, url }));
     this._at = 0;

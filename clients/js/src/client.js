@@ -128,6 +128,10 @@ export class RelayClient {
   /** @param {ConnectOptions} options */
   constructor(options) {
     this.options = { reconnect: true, backoffMs: 250, maxBackoffMs: 8000, ...options };
+    if (typeof (this.options.WebSocket ?? globalThis.WebSocket) !== 'function')
+      throw new TypeError(
+        'no WebSocket here: pass options.WebSocket, or use Node 22+ (Node 20: --experimental-websocket)',
+      );
     const bases = this.options.urls?.length ? this.options.urls : [this.options.url];
     /** The room's socket URL on each node; a resume token works on any of them. */
     this.urls = bases.map((url) => socketUrl({ ...this.options, url }));

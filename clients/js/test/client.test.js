@@ -49,6 +49,17 @@ test('the socket URL carries the room and the query parameters', () => {
   assert.throws(() => socketUrl({ room: 'grid:lobby' }), /url is required/);
 });
 
+test('without a WebSocket class the client says what to do', () => {
+  const saved = globalThis.WebSocket;
+  // @ts-ignore: as on Node 20 without --experimental-websocket
+  delete globalThis.WebSocket;
+  try {
+    assert.throws(() => new RelayClient({ ...BASE, WebSocket: undefined }), /no WebSocket here/);
+  } finally {
+    if (saved) globalThis.WebSocket = saved;
+  }
+});
+
 test('connect resolves on WELCOME with the members and the snapshot', async () => {
   const client = await joined();
   assert.equal(FakeSocket.last().binaryType, 'arraybuffer');

@@ -457,7 +457,7 @@ async def open_client(
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise ValueError("no relay url given")
-    addresses = [f"{u.rstrip('/')}/ws/{quote(room, safe='')}" for u in urls]
+    addresses = [f"{_ws_url(u).rstrip('/')}/ws/{quote(room, safe='')}" for u in urls]
     for at, address in enumerate(addresses):
         try:
             ws, welcome, rest = await _open(address, query, open_timeout)
@@ -479,6 +479,12 @@ async def open_client(
             client._track(message)
             client._queue.put_nowait(message)
     return client
+
+
+def _ws_url(url: str) -> str:
+    """``http://`` and ``https://`` name the same relay as ``ws://`` and ``wss://``."""
+    scheme, sep, rest = url.partition("://")
+    return {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme) + sep + rest if sep else url
 
 
 async def _open(
