@@ -114,6 +114,32 @@ async def test_a_cut_subscription_is_repaired_from_history_without_loss(redis_se
             await mover.close()
 
 
+async def test_directs_published_while_a_nodes_subscription_is_cut_reach_their_player_once(
+    redis_server, redis_relays, room
+):
+    """Pub/sub is at most once: DIRECTs Redis publishes while a node is not subscribed are
+    gone for it, and unlike room messages they are in no history. The node reads those
+    published for its seats from the room's DIRECT log when it repairs the room."""
+    a, b = redis_relays(redis_server.url, 2, node_ttl_s=10)  # b's freeze stays well under its ttl
+    async with connect(a.url, room, player="x") as x, connect(b.url, room, player="y") as y:
+        await next_of(x, Join)
+        a.proc.send_signal(signal.SIGSTOP)  # so that a cannot come back before the DIRECTs go out
+        try:
+            kill_subscription(redis_server.port, a.port)
+            for i in range(3):
+                last = y.send_direct(x.actor, i)
+            await y.flush()
+            seq = f"{{relay:{room}}}:seq"  # the last seq Redis took from each seat
+            taken = lambda: command(redis_server.port, "HGET", seq, str(y.actor)).endswith(f"\r\n{last}\r\n".encode())  # noqa: E731
+            await asyncio.to_thread(wait_until, taken, 5, "Redis to publish the DIRECTs")
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        y.send_direct(x.actor, "live")  # after a is back: no repeat of the three before it
+        got = await collect(x, lambda ms: [m.data for m in ms if isinstance(m, Direct)][-1:] == ["live"], 15)
+        assert [m.data for m in got if isinstance(m, Direct)] == [0, 1, 2, "live"]
+        assert x.close_code is None and metric(a, "relay_backplane_repairs_total") >= 1
+
+
 async def test_a_redis_that_stops_answering_counts_as_down_and_no_taken_move_is_lost(
     redis_server, redis_relays, room
 ):

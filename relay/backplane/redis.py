@@ -97,6 +97,8 @@ class _Room:
     floor: int = 0  # the highest offset delivered here (or the first join's): gaps show above it
     retired: set[str] = field(default_factory=set)  # older epochs: their stragglers are dropped
     holding: list[list[Any]] | None = None  # messages held while the room is being repaired
+    held_directs: list[list[Any]] = field(default_factory=list)  # and its numbered DIRECTs
+    direct_seen: int = 0  # the number of the last DIRECT seen on the channel (this epoch)
     seated: dict[int, str] = field(default_factory=dict)  # actor -> epoch, for seats of this node
     ops: deque[_Op] = field(default_factory=deque)
 
@@ -521,8 +523,11 @@ class RedisBackplane:
             return
         if type(items[0]) is int:
             assert self._receiver is not None
-            if items[0] == 0:  # [0, to_actor, wire]: a DIRECT
-                self._receiver.deliver_direct(r.name, items[1], items[2])
+            if items[0] == 0:  # [0, to_actor, wire, number]: a DIRECT
+                if r.holding is not None and len(items) > 3:
+                    r.held_directs.append(items)  # after those the repair finds it missed
+                else:
+                    self._direct(r, items)
             elif items[0] == 1:  # [1, actor, node]: a seat moved to a node
                 if items[2].decode() == self.node_id:
                     self._receiver.seat_arrived(r.name, items[1])
@@ -537,6 +542,16 @@ class RedisBackplane:
                 log.exception("redis backplane: delivering room %s failed", r.name)
                 self._resync(r, "a batch could not be delivered")
 
+    def _direct(self, r: _Room, items: list[Any]) -> None:
+        """Deliver ``[0, to_actor, wire, number]``, once: a repair may have read it already.
+        (Those a node passes on when a seat moves, or takes back, have no number.)"""
+        if len(items) > 3:
+            if items[3] <= r.direct_seen:
+                return
+            r.direct_seen = items[3]
+        assert self._receiver is not None
+        self._receiver.deliver_direct(r.name, items[1], items[2])
+
     def _deliver(self, r: _Room, items: list[Any]) -> None:
         epoch, first = items[0].decode(), items[1]
         last = first + (len(items) - 2) // 5 - 1
@@ -546,7 +561,7 @@ class RedisBackplane:
             if r.epoch is not None:
                 self._resync(r, "the room has a new epoch")
                 r.retired.add(r.epoch)
-            r.epoch, r.floor = epoch, 0
+            r.epoch, r.floor, r.direct_seen = epoch, 0, 0  # DIRECTs are numbered anew too
         elif r.floor and first > r.floor + 1:
             self.stats.errors["gap"] += 1
             r.holding = [items]
@@ -562,7 +577,7 @@ class RedisBackplane:
             if r.epoch is not None:
                 self._resync(r, "the room has a new epoch")
                 r.retired.add(r.epoch)
-            r.epoch, r.floor = epoch, offset
+            r.epoch, r.floor, r.direct_seen = epoch, offset, 0
         elif not r.floor:
             r.floor = offset
 
@@ -578,12 +593,14 @@ class RedisBackplane:
             r.holding = []
         try:
             reply = await self.link.client.evalsha(
-                self._script("READ"), 1, r.meta, self.settings.history_size, r.floor if r.epoch else -1
+                self._script("READ"), 1, r.meta, self.settings.history_size, r.floor if r.epoch else -1,
+                self.node_id, r.direct_seen,
             )
         except Exception as exc:  # noqa: BLE001
             self._lost_link(exc)  # the next reconnect repairs it (holding stays on until then)
             return
         held, r.holding = r.holding, None
+        held_directs, r.held_directs = r.held_directs, []
         if not r.subscribed:
             return
         self.stats.repairs += 1
@@ -591,8 +608,15 @@ class RedisBackplane:
             if r.epoch is not None:
                 self._resync(r, "the room is gone from Redis" if not reply else "the room has a new epoch")
                 r.retired.add(r.epoch)
-            r.epoch, r.floor = None, 0
+            r.epoch, r.floor, r.direct_seen = None, 0, 0
         else:
+            # The DIRECTs Redis published for this node's seats while it was not
+            # listening, then those that came in while the repair read them.
+            missed = reply[6] if len(reply) > 6 else []
+            for i in range(0, len(missed), 3):
+                self._direct(r, [0, missed[i + 1], missed[i + 2], missed[i]])
+            for items in held_directs:
+                self._direct(r, items)
             offset, batches = reply[1], [msgpack.unpackb(b, raw=True) for b in reply[4]]
             if offset > r.floor and (not batches or batches[0][1] > r.floor + 1):
                 self._resync(r, "its history in Redis no longer covers what this node missed")

@@ -24,7 +24,8 @@ Keys of room R with prefix P (tag ``{P:R}``):
 
 ========================  =====================================================
 ``{P:R}:meta``            hash: ``e`` epoch, ``o`` offset, ``a`` next actor,
-                          ``n:<node>`` the last batch number applied from a node
+                          ``n:<node>`` the last batch number applied from a node,
+                          ``d`` the number of the last DIRECT
 ``{P:R}:mem``             hash: actor -> msgpack ``[player, meta]``
 ``{P:R}:ply``             hash: player -> actor
 ``{P:R}:nod``             hash: actor -> ``<node>/<join number>``: the node that
@@ -39,6 +40,10 @@ Keys of room R with prefix P (tag ``{P:R}``):
                           list (its player gets DROPPED with the count)
 ``{P:R}:s:<actor>``       hash: msgpack(key) -> raw msgpack data (the snapshot)
 ``{P:R}:log``             stream: the room's recent published batches
+``{P:R}:dl``              stream: the room's recent DIRECTs (the last
+                          ``history_size``), numbered by ``d`` in ``:meta``,
+                          each with the node it was published for: a node
+                          whose subscription was cut reads those it missed
 ``{P:R}:ch``              the pub/sub channel (SPUBLISH in a Redis Cluster)
 ========================  =====================================================
 """
@@ -61,7 +66,7 @@ _KINDS = {k.value: k for k in (MsgType.EVENT, MsgType.STATE, MsgType.JOIN, MsgTy
 _PRELUDE = r"""
 local tag = string.sub(KEYS[1], 1, -6)
 local K_META, K_MEM, K_PLY, K_NOD, K_LOG = KEYS[1], tag .. ':mem', tag .. ':ply', tag .. ':nod', tag .. ':log'
-local K_TOK, K_SEQ, K_HLD = tag .. ':tok', tag .. ':seq', tag .. ':hld'
+local K_TOK, K_SEQ, K_HLD, K_DL = tag .. ':tok', tag .. ':seq', tag .. ':hld', tag .. ':dl'
 local CHANNEL, PUBLISH_COMMAND = tag .. ':ch', '%(publish)s'
 local HISTORY = tonumber(ARGV[1])
 local EPOCH, OFFSET, FIRST
@@ -146,7 +151,7 @@ end
 -- After LEAVEs: an empty room is gone, and comes back with a new epoch.
 local function drop_if_empty()
   if redis.call('HLEN', K_MEM) == 0 then
-    redis.call('DEL', K_META, K_MEM, K_PLY, K_NOD, K_LOG, K_TOK, K_SEQ, K_HLD)
+    redis.call('DEL', K_META, K_MEM, K_PLY, K_NOD, K_LOG, K_TOK, K_SEQ, K_HLD, K_DL)
   end
 end
 """
@@ -230,7 +235,15 @@ if held then
   redis.call('PEXPIREAT', kept, expiry)
   return 1
 end
-redis.call(PUBLISH_COMMAND, CHANNEL, ARGV[5])
+-- Numbered, and kept a while for the node that serves the seat: pub/sub is at most
+-- once, and a node whose subscription was cut reads what it missed from ':dl'.
+local n = redis.call('HINCRBY', K_META, 'd', 1)
+local seated = redis.call('HGET', K_NOD, ARGV[6])
+if HISTORY > 0 and seated then
+  redis.call('XADD', K_DL, 'MINID', '~', '0-' .. math.max(n - HISTORY, 0), '0-' .. n,
+    'n', string.match(seated, '^[^/]*'), 'a', ARGV[6], 'w', ARGV[7])
+end
+redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, tonumber(ARGV[6]), ARGV[7], n}))
 return 1
 """
 
@@ -383,7 +396,20 @@ if after >= 0 and after < OFFSET then
     undos[#undos + 1] = item[2][4] or ''  -- '': written before the history kept undo
   end
 end
-return {EPOCH, OFFSET, members, snapshot, batches, undos}
+-- A node repairing the room (ARGV[3] its id) also gets the DIRECTs published for it
+-- after number ARGV[4]: {number, to_actor, wire, ...}.
+local directs = {}
+if ARGV[3] then
+  for _, item in ipairs(redis.call('XRANGE', K_DL, '0-' .. (tonumber(ARGV[4]) + 1), '+')) do
+    local f = item[2]
+    if f[2] == ARGV[3] then
+      directs[#directs + 1] = tonumber(string.sub(item[1], 3))
+      directs[#directs + 1] = tonumber(f[4])
+      directs[#directs + 1] = f[6]
+    end
+  end
+end
+return {EPOCH, OFFSET, members, snapshot, batches, undos, directs}
 """
 
 
