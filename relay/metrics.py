@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from relay.protocol import MsgType
+from relay.protocol import CloseCode, MsgType
+
+KNOWN_CLOSES = frozenset(range(1000, 1016)) | frozenset(int(c) for c in CloseCode)
 
 if TYPE_CHECKING:
     from relay.room import Entry
@@ -126,7 +128,9 @@ class RelayCollector:
         yield _counter("relay_frames_out", "frames sent", s.frames_out)
         yield _counter("relay_bytes_out", "bytes sent in frames", s.bytes_out)
         yield _by_label("relay_errors", "ERROR messages sent, by code", "code", s.errors)
-        closes = {str(int(code)): n for code, n in s.closes.items()}
+        closes: Counter[str] = Counter()
+        for code, n in s.closes.items():  # a client picks its own close code: no label per code it makes up
+            closes[str(int(code)) if int(code) in KNOWN_CLOSES else "other"] += n
         yield _by_label("relay_closes", "connections closed, by close code", "code", closes)
         yield _counter(
             "relay_dropped_events",

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from relay_client import Event, connect
-from tests.helpers import next_of
+from tests.helpers import next_of, raw_connect, wait_metrics
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,3 +64,13 @@ async def test_the_browser_client_can_be_imported_by_a_page_on_another_origin(re
     head = urllib.request.Request(relay.http + "/client.js", method="HEAD")
     with urllib.request.urlopen(head, timeout=5) as r:
         assert r.status == 200 and r.read() == b""
+
+
+async def test_close_codes_a_client_makes_up_share_one_metrics_label(relay_with, room):
+    server = relay_with()
+    for code in (4321, 4322, 1000):
+        ws = await raw_connect(server.url, room, f"?player=p{code}")
+        await ws.recv()  # WELCOME
+        await ws.close(code=code)
+    await wait_metrics(server, {'relay_closes_total{code="other"}': 2.0, 'relay_closes_total{code="1000"}': 1.0}, 5)
+    assert "4321" not in server.get_text("/metrics")
