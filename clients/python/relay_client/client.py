@@ -336,7 +336,7 @@ class Client:
         exact = (welcome.actor, welcome.epoch, welcome.offset) == (self.actor, self.epoch, self.offset)
         same_seat = (welcome.actor, welcome.epoch) == (self.actor, self.epoch)
         same_epoch = welcome.epoch == self.epoch
-        dropped: list[int] = []
+        unsent_directs: list[int] = []
         self.ws = ws
         self.welcome = welcome
         self.limits = welcome.limits
@@ -358,16 +358,16 @@ class Client:
             unsent = {seq for seq, _ in self._outgoing}
             again = [m for m in self._sent if m.seq in unsent]
             if not same_epoch:  # a new room order numbers its members anew: those DIRECTs are not sent
-                dropped = [m.seq for m in again if m.direct]
+                unsent_directs = [m.seq for m in again if m.direct]
                 again = [m for m in again if not m.direct]
-                self._outgoing = [o for o in self._outgoing if o[0] not in dropped]
+                self._outgoing = [o for o in self._outgoing if o[0] not in unsent_directs]
         self._sent = collections.deque(again, maxlen=RESEND_BUFFER)
         if not exact and not self.echo:  # the fresh snapshot predates these STATEs
             for move in again:
                 if move.state_key is not _NO_STATE:
                     self._set_state(self.actor, move.state_key, move.state_data)
         self._schedule_write()
-        return Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome, dropped)
+        return Resumed(welcome.actor, welcome.offset) if exact else Resynced(welcome, unsent_directs)
 
     def _set_state(self, actor: int, key: Any, data: Any) -> None:
         if data is None:
