@@ -152,14 +152,19 @@ async def test_a_redis_that_stops_answering_counts_as_down_and_no_taken_move_is_
         redis_server.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
         try:
             x.send_event("during")  # taken: the relay cannot know yet that Redis will not answer
-            wait_until(lambda: not ready(a), 10, "the relay to count a silent Redis as down")
+            x.send_direct(y.actor, "during")
+            await x.flush()
+            await asyncio.to_thread(wait_until, lambda: not ready(a), 10, "the relay to count a silent Redis as down")
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
-        wait_until(lambda: ready(a) and ready(b), 15, "the backplane to come back")
+        await asyncio.to_thread(wait_until, lambda: ready(a) and ready(b), 15, "the backplane to come back")
         x.send_event("after")
-        got = await collect(y, lambda ms: "after" in [m.data for m in ms if isinstance(m, Event)], 15)
-        # The taken move went out once the round trip could be made again: once, in order.
+        x.send_direct(y.actor, "after")
+        got = await collect(y, lambda ms: "after" in [m.data for m in ms if isinstance(m, Direct)], 15)
+        # The taken moves went out once the round trip could be made again (Redis also ran
+        # what it had read before it froze, whose replies were lost): once each, in order.
         assert [m.data for m in got if isinstance(m, Event)] == ["during", "after"]
+        assert [m.data for m in got if isinstance(m, Direct)] == ["during", "after"]
         assert y.close_code is None and x.close_code is None
     finally:
         await x.close()

@@ -218,6 +218,9 @@ return {1, OFFSET, unpack(moved)}
 DIRECT = r"""
 if ARGV[3] ~= '' then
   if seat_of(ARGV[3], ARGV[2]) ~= 'mine' then return 0 end
+  -- A node sends a DIRECT again when its reply was lost (a timeout); Redis may have run
+  -- the first one all the same. Seqs only grow per seat: a seq already taken is that.
+  if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', K_SEQ, ARGV[3]) or '-1') then return 1 end
   redis.call('HSET', K_SEQ, ARGV[3], ARGV[4])
 end
 local held = redis.call('HGET', K_HLD, ARGV[6])
