@@ -111,6 +111,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="before each run, wait up to this long for other work on the machine "
         "to drop under 0.25 cores (default: 0, don't wait)",
     )
+    p.add_argument(
+        "--tick",
+        action="store_true",
+        help="the players of a room send on one shared tick, as a game loop does "
+        "(default: each player at a random phase of its period)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
 
@@ -146,6 +152,7 @@ def options(args: argparse.Namespace) -> Options:
         ramp_retries=args.ramp_retries,
         repeat=args.repeat,
         wait_quiet=args.wait_quiet,
+        tick=args.tick,
     )
 
 

@@ -37,6 +37,7 @@ class Load:
     drain: float = 1.0
     slow_per_room: int = 0
     servers: int = 1  # players of a room alternate between servers
+    tick: bool = False  # players of a room send on one shared tick (a game loop), not each at its own phase
     tag: str = "r"  # room name prefix, unique per run
 
     def seats(self) -> list[Seat]:
@@ -123,7 +124,7 @@ async def _work(job: Job, conn: Connection) -> None:
     go = loop.time() + (go_ns - time.time_ns()) / 1e9
     senders = []
     if load.rate > 0:
-        senders = [loop.create_task(p.play(load.rate, load.size, go)) for p in joined]
+        senders = [loop.create_task(p.play(load.rate, load.size, go, load.tick)) for p in joined]
     finish = loop.time() + (end_ns - time.time_ns()) / 1e9 + load.drain
     while loop.time() < finish:
         await asyncio.sleep(min(0.25, max(0.0, finish - loop.time())))

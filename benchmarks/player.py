@@ -248,8 +248,9 @@ class Player:
         await self.ws.wait_closed()
         self.tally.closed(self.ws.close_code)
 
-    async def play(self, rate: float, size: int, go: float) -> None:
-        """Send ``rate`` moves/s from loop time ``go`` until the window ends."""
+    async def play(self, rate: float, size: int, go: float, tick: bool = False) -> None:
+        """Send ``rate`` moves/s from loop time ``go`` until the window ends; with ``tick``
+        at the phase of the player's room (the same in every worker process)."""
         assert self.ws is not None
         loop = asyncio.get_running_loop()
         window, send = self.window, self.ws.send
@@ -258,7 +259,8 @@ class Player:
         counts = self.tally.sent.setdefault(self.seat.room, [0, 0])
         slot = 1 if self.seat.slow else 0
         me = self.seat.index
-        due = go + random.random() * period  # spread players over the period
+        phase = random.Random(self.seat.room).random() if tick else random.random()
+        due = go + phase * period  # spread players (or rooms) over the period
         seq = 0
         try:
             while True:

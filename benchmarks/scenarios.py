@@ -63,6 +63,7 @@ class Options:
     connect_timeout: float = 30.0  # per join (a smoke run waits 3 s)
     repeat: int = 1  # runs per (scenario, case, target); the one with the least other load is kept
     wait_quiet: float = 0.0  # seconds to wait, before each run, for other work to stop
+    tick: bool = False  # players of a room send on one shared tick
 
     def load(self, scenario: str, **extra: Any) -> Load:
         values = dict((SMOKE if self.smoke else PRESETS)[scenario])
@@ -75,6 +76,7 @@ class Options:
             duration=values["duration"],
             warmup=values["warmup"],
             drain=values["drain"],
+            tick=self.tick,
             **extra,
         )
 

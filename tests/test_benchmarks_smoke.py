@@ -102,3 +102,18 @@ def test_relay_cluster_delivers(smoke: tuple[dict[str, Any], Path]) -> None:
     assert "figures" in run, run.get("error")
     figures = run["figures"]
     assert figures["received_deliveries"] > 0, (figures["failure_sample"], figures["error_sample"])
+
+
+def test_players_of_a_room_can_send_on_one_tick(tmp_path: Path) -> None:
+    out = tmp_path / "tick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "rooms", "--tick", "--targets", "relay", "--rooms", "3",
+         "--players", "4", "--warmup", "0.5", "--duration", "1", "--drain", "0.5", "--no-plots",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert "--tick" in results["meta"]["argv"]
+    [run] = results["runs"]
+    assert run["figures"]["delivery_ratio"] == 1.0 and run["figures"]["deliveries_per_s"] > 0
