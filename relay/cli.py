@@ -77,7 +77,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    run(settings)
+    try:
+        run(settings)
+    except KeyboardInterrupt:  # Ctrl+C: uvicorn has shut down gracefully, then raised it again
+        pass
 
 
 def taken(host: str, port: int) -> str | None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from relay import config
 from relay_client import connect
-from tests.relayproc import RelayProcess, free_port
+from tests.relayproc import RelayProcess, free_port, timeout
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -54,3 +57,26 @@ async def test_settings_come_from_environment(room):
             assert client.limits["max_players_per_room"] == 7
     finally:
         server.stop()
+
+
+def test_ctrl_c_stops_the_relay_quietly():
+    """Ctrl+C is how a developer stops `relay serve`: a clean shutdown, exit 0, no traceback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+    try:
+        deadline = time.monotonic() + timeout(15)
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)  # polling for the port to open
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=timeout(15))
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:]
+    assert "Traceback" not in out and "Application shutdown complete" in out
