@@ -201,7 +201,7 @@ class Connection:
         if getattr(seat.wake, "__self__", None) is self:  # not handed to a resuming connection
             seat.unplug()
         if self.proto is not None:
-            self.proto.on_binary = None
+            self.proto.detach()
         self.scope.get("extensions", {}).pop(EXTENSION, None)
 
     def _hands_off_seat(self) -> bool:

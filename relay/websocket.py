@@ -249,6 +249,12 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
 
+    def detach(self) -> None:
+        """The app is done with this connection: frames go the ASGI way again (and are
+        dropped there), never to a callback of a connection that has ended."""
+        self.on_binary = None
+        self._split_here = False
+
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text" and not self.close_sent:
             # The relay answers any text frame with 1003, so it is not decoded: one that is
