@@ -74,6 +74,15 @@ local out = {}
 local undo = {}  -- per entry, what it replaced (kept in the history only; see publish)
 
 local function snap_key(actor) return tag .. ':s:' .. actor end
+
+-- The DIRECTs kept for a held seat and how many did not fit, taken out of Redis
+-- (its player is back: a resume elsewhere, or its node taking the seat back).
+local function take_kept_directs(actor)
+  local kept, lost = tag .. ':dir:' .. actor, tag .. ':dirlost:' .. actor
+  local wires, count = redis.call('LRANGE', kept, 0, -1), tonumber(redis.call('GET', lost) or '0')
+  redis.call('DEL', kept, lost)
+  return wires, count
+end
 %(migrating)s
 
 local function open_room()
@@ -294,9 +303,7 @@ local blob = redis.call('HGET', K_MEM, actor)
 if not secret or secret ~= ARGV[5] or not blob or cmsgpack.unpack(blob)[1] ~= ARGV[6] then return {0} end
 redis.call('HSET', K_NOD, actor, ARGV[2] .. '/' .. ARGV[3])
 redis.call('HDEL', K_HLD, actor)
-local kept = redis.call('LRANGE', tag .. ':dir:' .. actor, 0, -1)
-local lost = tonumber(redis.call('GET', tag .. ':dirlost:' .. actor) or '0')
-redis.call('DEL', tag .. ':dir:' .. actor, tag .. ':dirlost:' .. actor)
+local kept, lost = take_kept_directs(actor)
 redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({1, tonumber(actor), ARGV[2]}))
 local members, snapshot = read_members_and_snapshot()
 return {1, EPOCH, OFFSET, members, snapshot, redis.call('HGET', K_SEQ, actor), kept, lost}
@@ -370,15 +377,13 @@ for i = 1, #seats, 2 do
     -- The DIRECTs kept for the seat while it was held go to it now, through the room's
     -- channel like any other DIRECT (its player never left, so no TAKEOVER hands them over).
     local actor = tonumber(seats[i])
-    local kept, lost = tag .. ':dir:' .. seats[i], tag .. ':dirlost:' .. seats[i]
-    local count = tonumber(redis.call('GET', lost) or '0')
-    if count > 0 then
-      redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, actor, cmsgpack.pack({8, count})}))
+    local kept, lost = take_kept_directs(seats[i])
+    if lost > 0 then
+      redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, actor, cmsgpack.pack({8, lost})}))
     end
-    for _, wire in ipairs(redis.call('LRANGE', kept, 0, -1)) do
+    for _, wire in ipairs(kept) do
       redis.call(PUBLISH_COMMAND, CHANNEL, cmsgpack.pack({0, actor, wire}))
     end
-    redis.call('DEL', kept, lost)
   end
 end
 return taken
